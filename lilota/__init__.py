@@ -1,0 +1,1 @@
+"""lilota: long-running tasks in background processes, state in your database."""

@@ -1,0 +1,80 @@
+"""Every exception lilota raises on purpose.
+
+All of them derive from :class:`LilotaError`, so ``except LilotaError`` catches anything
+lilota itself refuses. Where a built-in exception is the natural thing to catch
+(``ValueError`` for a bad value, ``KeyError`` for an unknown name), the lilota class also
+derives from it, so existing handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class LilotaError(Exception):
+    """Base class of every error lilota raises on purpose."""
+
+
+class ConfigurationError(LilotaError, ValueError):
+    """A setting is wrong: a malformed ``db_url``, a negative worker count, a bad option."""
+
+
+class TaskNotRegistered(LilotaError, KeyError):
+    """A task name that no registry here knows was scheduled or looked up."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskAlreadyRegistered(LilotaError, ValueError):
+    """The same task name was registered twice on one registry."""
+
+
+class RegistrationError(LilotaError, TypeError):
+    """A function or model cannot be registered as given (e.g. a model lilota cannot store)."""
+
+
+class SerializationError(LilotaError, TypeError):
+    """A value cannot be stored as JSON; the message names the field (``input.items[2]``)."""
+
+
+class InvalidInput(LilotaError, ValueError):
+    """The input does not fit the task's ``input_model``; the message names the field."""
+
+
+class TaskNotFound(LilotaError, LookupError):
+    """No task has the given id (raised by actions; ``get_task_by_id`` returns None)."""
+
+
+class TaskAlreadyFinished(LilotaError):
+    """An action such as ``cancel`` was asked of a task that is completed, failed or cancelled."""
+
+
+class DatabaseError(LilotaError):
+    """The database refused a statement or could not be reached; the driver error is chained."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached, even after a short retry."""
+
+
+class SchemaVersionError(DatabaseError):
+    """The database holds lilota tables of a newer schema than this release understands."""
+
+
+class WorkerStartupError(LilotaError):
+    """Worker processes could not be started: the message carries the end of their output."""
+
+
+class LilotaStopped(LilotaError):
+    """The instance was stopped: it schedules no more tasks (create a new one or ``start()``)."""
+
+
+class TaskTimeout(LilotaError):
+    """Stored as a task's exception when it ran longer than its ``timeout``."""
+
+
+class WorkerLost(LilotaError):
+    """Stored as a task's exception when the worker that ran it stopped renewing its lease."""
+
+
+class TaskCancelled(LilotaError):
+    """Raised inside a task by ``TaskProgress.raise_if_cancelled()``; ends the task as cancelled."""

@@ -1,0 +1,198 @@
+"""The public data types: a task record, its status, its progress handle, model protocol."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+from lilota.errors import TaskCancelled
+
+
+class TaskStatus(str, Enum):
+    """Where a task is in its life. ``completed``, ``failed`` and ``cancelled`` are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+@runtime_checkable
+class ModelProtocol(Protocol):
+    """Any object with ``as_dict()`` can be a task's input or output.
+
+    To be rebuilt as a task's ``input_model``, the class must also accept the dict back,
+    either as keyword arguments (``Model(**d)``) or through a ``from_dict`` classmethod.
+    """
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskError:
+    """What a failed task raised: the exception's type, message and formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+    def as_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
+        return cls(
+            type=str(data.get("type", "")),
+            message=str(data.get("message", "")),
+            traceback=str(data.get("traceback", "")),
+        )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """The store keeps naive UTC; users get aware UTC datetimes."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """One row of the task table, as read at one moment (it does not update itself).
+
+    ``input`` and ``output`` are the stored JSON decoded back to Python values: a task
+    with an output model has a dict ``output``, so ``AddOutput(**task.output)`` rebuilds
+    it. Times are timezone-aware UTC datetimes.
+    """
+
+    id: int
+    name: str
+    status: TaskStatus
+    pid: int | None = None
+    progress_percentage: int = 0
+    start_date_time: datetime | None = None
+    end_date_time: datetime | None = None
+    input: Any = None
+    output: Any = None
+    exception: TaskError | None = None
+    description: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    priority: int = 0
+    created_at: datetime | None = None
+    run_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    worker_id: str | None = None
+    unique_key: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.start_date_time is None or self.end_date_time is None:
+            return None
+        return self.end_date_time - self.start_date_time
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], decode: Callable[[str | None], Any]) -> Task:
+        """Build a task from a row mapping; ``decode`` turns stored JSON text into values.
+
+        Columns this release does not know (added by a later version) are ignored.
+        """
+        exception = decode(row.get("exception"))
+        return cls(
+            id=int(row["id"]),
+            name=row["name"],
+            status=TaskStatus(row["status"]),
+            pid=row.get("pid"),
+            progress_percentage=int(row.get("progress_percentage") or 0),
+            start_date_time=_aware(row.get("start_date_time")),
+            end_date_time=_aware(row.get("end_date_time")),
+            input=decode(row.get("input")),
+            output=decode(row.get("output")),
+            exception=TaskError.from_dict(exception) if isinstance(exception, dict) else None,
+            description=row.get("description"),
+            attempts=int(row.get("attempts") or 0),
+            max_attempts=int(row.get("max_attempts") or 1),
+            priority=int(row.get("priority") or 0),
+            created_at=_aware(row.get("created_at")),
+            run_at=_aware(row.get("run_at")),
+            lease_expires_at=_aware(row.get("lease_expires_at")),
+            worker_id=row.get("worker_id"),
+            unique_key=row.get("unique_key"),
+            cancel_requested=bool(row.get("cancel_requested")),
+        )
+
+
+def check_percentage(percentage: object) -> int:
+    """Return ``percentage`` if it is an int in 0..100, else raise a ValueError naming it."""
+    if isinstance(percentage, bool) or not isinstance(percentage, int):
+        raise ValueError(
+            f"progress must be an int from 0 to 100, got {percentage!r} "
+            f"({type(percentage).__name__})"
+        )
+    if not 0 <= percentage <= 100:
+        raise ValueError(f"progress must be from 0 to 100, got {percentage}")
+    return percentage
+
+
+class TaskProgress:
+    """Handed to a task function registered with ``task_progress=TaskProgress``.
+
+    ``set(n)`` records the task's progress (an int 0..100) in the database at once, where
+    any process can read it. ``cancelled`` turns true when someone asked to cancel the
+    task; a task that checks it can end early (``raise_if_cancelled()`` does that).
+    """
+
+    def __init__(
+        self,
+        task_id: int,
+        write: Callable[[int], None],
+        cancel_event: threading.Event | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self._write = write
+        self._cancel_event = cancel_event or threading.Event()
+        self._value: int | None = None
+
+    @property
+    def value(self) -> int | None:
+        """The last percentage set through this handle (None before the first ``set``)."""
+        return self._value
+
+    def set(self, percentage: int) -> None:
+        """Record ``percentage`` (int, 0..100). Raises ValueError for anything else."""
+        percentage = check_percentage(percentage)
+        if percentage != self._value:
+            self._write(percentage)
+            self._value = percentage
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation of this task was requested."""
+        return self._cancel_event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`~lilota.errors.TaskCancelled` if cancellation was requested."""
+        if self.cancelled:
+            raise TaskCancelled(f"task {self.task_id} was cancelled")
