@@ -1,1 +1,57 @@
-"""lilota: long-running tasks in background processes, state in your database."""
+"""lilota: long-running Python tasks in background processes, state in your database.
+
+The public API is re-exported here; everything not in ``__all__`` is private.
+"""
+
+from lilota.core import Lilota
+from lilota.errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidInput,
+    LilotaError,
+    LilotaStopped,
+    RegistrationError,
+    SchemaVersionError,
+    SerializationError,
+    TaskAlreadyFinished,
+    TaskAlreadyRegistered,
+    TaskCancelled,
+    TaskNotFound,
+    TaskNotRegistered,
+    TaskTimeout,
+    WorkerLost,
+    WorkerStartupError,
+)
+from lilota.models import ModelProtocol, Task, TaskError, TaskProgress, TaskStatus
+from lilota.worker import LilotaWorker
+
+__version__ = "2.0.0.dev0"
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "InvalidInput",
+    "Lilota",
+    "LilotaError",
+    "LilotaStopped",
+    "LilotaWorker",
+    "ModelProtocol",
+    "RegistrationError",
+    "SchemaVersionError",
+    "SerializationError",
+    "Task",
+    "TaskAlreadyFinished",
+    "TaskAlreadyRegistered",
+    "TaskCancelled",
+    "TaskError",
+    "TaskNotFound",
+    "TaskNotRegistered",
+    "TaskProgress",
+    "TaskStatus",
+    "TaskTimeout",
+    "WorkerLost",
+    "WorkerStartupError",
+    "__version__",
+]

@@ -1,0 +1,474 @@
+"""Lilota: the application's handle on its tasks (schedule, read, start/stop workers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from lilota import serialization
+from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered
+from lilota.models import Task, TaskStatus
+from lilota.registry import Registry, TaskDefinition
+from lilota.store import NewTask, TaskStore, is_memory_sqlite, parse_url
+from lilota.supervisor import BOOT_ARGV, ENV_BOOT, Supervisor, is_worker_process
+from lilota.worker import ENV_LEASE_SECONDS, LilotaWorker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB_URL = "sqlite:///lilota.db"
+
+# Pruning the set of ids this instance scheduled (kept so stop() can wait for them):
+# past this many, finished ones are dropped, so a long-running web app holds only its
+# unfinished tasks in memory.
+_PRUNE_AT = 10_000
+
+
+class Lilota:
+    """Schedules tasks, reads them back, and runs worker processes.
+
+    ``Lilota(db_url)`` alone is a scheduler (a web app); ``start()`` also starts
+    ``number_of_workers`` worker processes that run either ``script_path`` (a script that
+    registers tasks on a :class:`~lilota.worker.LilotaWorker` and calls its ``start()``)
+    or, without a script, the tasks registered on this instance with :meth:`register`.
+    """
+
+    def __init__(
+        self,
+        db_url: str = DEFAULT_DB_URL,
+        script_path: str | os.PathLike[str] | None = None,
+        number_of_workers: int | None = None,
+        set_progress_manually: bool = False,
+        *,
+        lease: timedelta | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.db_url = str(db_url)
+        self._url = parse_url(db_url)
+        if script_path is not None:
+            path = os.path.abspath(os.fspath(script_path))
+            if not os.path.isfile(path):
+                raise ConfigurationError(
+                    f"script_path {os.fspath(script_path)!r} is not a file (looked at {path})"
+                )
+            self.script_path: str | None = path
+        else:
+            self.script_path = None
+        if number_of_workers is None:
+            number_of_workers = os.cpu_count() or 1
+        if (
+            isinstance(number_of_workers, bool)
+            or not isinstance(number_of_workers, int)
+            or number_of_workers < 0
+        ):
+            raise ConfigurationError(
+                f"number_of_workers must be an int >= 0, got {number_of_workers!r}"
+            )
+        self.number_of_workers = number_of_workers
+        self.set_progress_manually = bool(set_progress_manually)
+        self.lease = lease
+        self.startup_timeout = startup_timeout
+        self.registry = Registry()
+        self._store: TaskStore | None = None
+        self._supervisor: Supervisor | None = None
+        self._scheduled: set[int] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+        # Where this instance was created: worker processes import that module to find it.
+        self._origin = sys._getframe(1).f_globals.get("__name__", "__main__")
+
+    # ------------------------------------------------------------------ tasks
+
+    def register(
+        self,
+        name: str,
+        input_model: type | None = None,
+        output_model: type | None = None,
+        task_progress: type | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register a task function under ``name`` for this instance's workers.
+
+        Options: ``max_attempts`` (default 1: a task that raises is not retried),
+        ``retry_delay`` (default 1 s, doubled per attempt), ``timeout`` (a timedelta or
+        seconds; default none), ``schedule`` (``every(...)``/``crontab(...)``).
+        Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before.
+        """
+        return self.registry.register(  # type: ignore[no-any-return]
+            name,
+            input_model=input_model,
+            output_model=output_model,
+            task_progress=task_progress,
+            **options,
+        )
+
+    @property
+    def store(self) -> TaskStore:
+        """The task store (created on first use)."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = TaskStore(self._url)
+        return self._store
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Create the tables if needed and start the worker processes.
+
+        Returns once every worker is ready to take tasks. Without ``script_path`` and
+        registered tasks, or with ``number_of_workers=0``, no process is started (a
+        scheduler only). Raises :class:`~lilota.errors.WorkerStartupError` if the workers
+        cannot start (the message carries their output).
+        """
+        if is_worker_process():
+            raise ConfigurationError(
+                "Lilota.start() was called inside a worker process: the module that creates "
+                "the Lilota instance starts it at import time. Call start() under "
+                '`if __name__ == "__main__":` (worker processes import your main module).'
+            )
+        self.store.ensure_schema()
+        self._stopped = False
+        if self._supervisor is not None:
+            return
+        argv, env = self._worker_command()
+        if argv is None or self.number_of_workers == 0:
+            log.info("lilota started without worker processes (scheduling only)")
+            return
+        if is_memory_sqlite(self._url):
+            raise ConfigurationError(
+                "an in-memory SQLite database cannot be shared with worker processes; use a "
+                "file, e.g. db_url='sqlite:///lilota.db'"
+            )
+        supervisor = Supervisor(
+            argv, self.number_of_workers, env=env, startup_timeout=self.startup_timeout
+        )
+        supervisor.start()
+        self._supervisor = supervisor
+
+    def _worker_command(self) -> tuple[list[str] | None, dict[str, str]]:
+        env: dict[str, str] = {}
+        if self.lease is not None:
+            env[ENV_LEASE_SECONDS] = str(self.lease.total_seconds())
+        if self.script_path is not None:
+            return [sys.executable, self.script_path], env
+        if not len(self.registry):
+            return None, env
+        env[ENV_BOOT] = json.dumps(self._boot_spec())
+        return list(BOOT_ARGV), env
+
+    def _boot_spec(self) -> dict[str, Any]:
+        module_name, attr = self._locate()
+        main = sys.modules.get("__main__")
+        main_spec = getattr(main, "__spec__", None)
+        spec: dict[str, Any] = {"module": module_name, "attr": attr, "sys_path": list(sys.path)}
+        if main_spec is not None and getattr(main_spec, "name", None):
+            spec["main_module"] = main_spec.name.removesuffix(".__main__")
+        elif getattr(main, "__file__", None):
+            spec["main_path"] = os.path.abspath(main.__file__)  # type: ignore[union-attr,arg-type]
+        if module_name == "__main__" and "main_module" not in spec and "main_path" not in spec:
+            raise ConfigurationError(
+                "tasks registered in an interactive session cannot run in worker processes; "
+                "put them in a module or script, or pass script_path="
+            )
+        return spec
+
+    def _locate(self) -> tuple[str, str]:
+        """The module and global name under which worker processes can find ``self``."""
+        first = [sys.modules.get("__main__"), sys.modules.get(self._origin)]
+        for module in [*first, *list(sys.modules.values())]:
+            if module is None:
+                continue
+            try:
+                names = list(vars(module).items())
+            except TypeError:
+                continue
+            for attr, value in names:
+                if value is self:
+                    return module.__name__, attr
+        raise ConfigurationError(
+            "worker processes find the tasks of a Lilota instance by importing the module "
+            "that holds it, but this instance is not a module-level variable. Create it at "
+            "module level (lilota = Lilota(...)), or use script_path= with a LilotaWorker script."
+        )
+
+    def _run_worker(self) -> None:
+        """Body of a worker process in instance mode (called by the supervisor's boot)."""
+        worker = LilotaWorker(
+            self.db_url,
+            self.set_progress_manually,
+            registry=self.registry,
+            lease=self.lease,
+        )
+        worker.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the workers gracefully; returns when they have exited.
+
+        Waits until every due task this instance scheduled has ended and every running
+        task is finished, then the workers exit. ``timeout`` (seconds) bounds the whole
+        wait; what is still running then is killed and its tasks go back to pending when
+        their leases expire. An instance without workers stops at once. After stop(),
+        ``schedule`` raises :class:`~lilota.errors.LilotaStopped`; reading still works.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        supervisor, self._supervisor = self._supervisor, None
+        self._stopped = True
+        if supervisor is None:
+            return
+        self._wait_for_scheduled(deadline)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        supervisor.stop(timeout=left)
+
+    def _wait_for_scheduled(self, deadline: float | None) -> None:
+        with self._lock:
+            ids = set(self._scheduled)
+        pause = 0.005
+        while ids:
+            ids = self.store.unfinished(ids, due_only=True)
+            if not ids or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        with self._lock:
+            self._scheduled.clear()
+
+    def __enter__(self) -> Lilota:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _known_names(self) -> frozenset[str]:
+        names = self.registry.names
+        if self._supervisor is not None:
+            names = names | self._supervisor.task_names
+        return names
+
+    def _new_task(
+        self,
+        name: str,
+        value: Any,
+        *,
+        run_at: datetime | None,
+        delay: timedelta | None,
+        priority: int,
+        unique_key: str | None,
+        description: str | None,
+        max_attempts: int | None,
+    ) -> NewTask:
+        if not isinstance(name, str):
+            raise TaskNotRegistered(f"a task name is a string, got {name!r}")
+        known = self._known_names()
+        definition: TaskDefinition | None = None
+        if known:
+            if name not in known:
+                raise TaskNotRegistered(
+                    f"no task named {name!r} is registered (registered: {', '.join(sorted(known))})"
+                )
+            definition = self.registry.find(name)
+        if definition is not None:
+            text = serialization.prepare(value, definition.input_model, root="input")
+        else:
+            text = serialization.dumps(value, root="input")
+        if run_at is not None and delay is not None:
+            raise ValueError("pass run_at or delay, not both")
+        if run_at is not None and not isinstance(run_at, datetime):
+            raise ValueError(f"run_at must be a datetime, got {run_at!r}")
+        if delay is not None:
+            if not isinstance(delay, timedelta):
+                raise ValueError(f"delay must be a timedelta, got {delay!r}")
+            run_at = self.store.clock() + delay
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        if unique_key is not None and (
+            not isinstance(unique_key, str) or not 0 < len(unique_key) <= 255
+        ):
+            raise ValueError(f"unique_key must be a string of 1-255 characters, got {unique_key!r}")
+        if max_attempts is None:
+            max_attempts = definition.retry.max_attempts if definition is not None else 1
+        elif (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+        ):
+            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        return NewTask(
+            name=name,
+            input=text,
+            run_at=run_at,
+            priority=priority,
+            max_attempts=max_attempts,
+            description=description,
+            unique_key=unique_key,
+        )
+
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise LilotaStopped(
+                "this Lilota instance was stopped; call start() again to schedule tasks"
+            )
+
+    def schedule(
+        self,
+        name: str,
+        input: Any = None,  # noqa: A002 - the seed's name
+        *,
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        priority: int = 0,
+        unique_key: str | None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+    ) -> int:
+        """Store a new pending task and return its id; a worker starts it right away.
+
+        ``input`` is a model instance (dataclass, pydantic, ``as_dict()``) or a dict.
+        ``run_at`` (a datetime; naive means UTC) or ``delay`` postpone it; higher
+        ``priority`` runs first; with ``unique_key``, while a pending or running task has
+        the same key, its id is returned and nothing is added.
+
+        Raises, writing nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown
+        name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
+        input that does not fit the input model, :class:`~lilota.errors.SerializationError`
+        for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`.
+        """
+        self._check_open()
+        task = self._new_task(
+            name,
+            input,
+            run_at=run_at,
+            delay=delay,
+            priority=priority,
+            unique_key=unique_key,
+            description=description,
+            max_attempts=max_attempts,
+        )
+        task_id = self.store.add(task)
+        self._remember([task_id])
+        return task_id
+
+    def schedule_many(
+        self,
+        name: str,
+        inputs: Iterable[Any],
+        *,
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> list[int]:
+        """Schedule one task per input in a single statement; returns their ids in order.
+
+        Every input is checked first: one bad input raises and none is stored.
+        """
+        self._check_open()
+        tasks = [
+            self._new_task(
+                name,
+                value,
+                run_at=run_at,
+                delay=delay,
+                priority=priority,
+                unique_key=None,
+                description=None,
+                max_attempts=max_attempts,
+            )
+            for value in inputs
+        ]
+        ids = self.store.add_many(tasks)
+        self._remember(ids)
+        return ids
+
+    def _remember(self, ids: Sequence[int]) -> None:
+        if self._supervisor is None:
+            return  # nothing to drain: this instance runs no workers
+        with self._lock:
+            self._scheduled.update(ids)
+            prune = len(self._scheduled) > _PRUNE_AT
+        if prune:
+            with self._lock:
+                snapshot = set(self._scheduled)
+            left = self.store.unfinished(snapshot)
+            with self._lock:
+                self._scheduled -= snapshot - left
+
+    # ------------------------------------------------------------------ reading
+
+    def get_task_by_id(self, task_id: int) -> Task | None:
+        """The task as stored now, or None if there is no task with that id."""
+        return self.store.get(task_id)
+
+    def get_tasks(
+        self, *, status: str | TaskStatus | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Task]:
+        """Tasks newest first, optionally only one status and/or name."""
+        return self.store.list_tasks(
+            status=None if status is None else str(status), name=name, limit=limit
+        )
+
+    def wait(self, task_id: int, timeout: float | None = None) -> Task:
+        """Block until the task is completed, failed or cancelled; return it.
+
+        Raises TimeoutError after ``timeout`` seconds and
+        :class:`~lilota.errors.TaskNotFound` for an unknown id.
+        """
+        from lilota.errors import TaskNotFound
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            task = self.get_task_by_id(task_id)
+            if task is None:
+                raise TaskNotFound(f"no task with id {task_id}")
+            if task.is_final:
+                return task
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"task {task_id} ({task.name}) is still {task.status} at "
+                    f"{task.progress_percentage}% after {timeout} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    # ------------------------------------------------------------------ actions
+
+    def cancel(self, task_id: int) -> TaskStatus:
+        """Cancel a task. A pending one becomes cancelled at once and never runs (returns
+        ``CANCELLED``); a running one is asked to stop (returns ``RUNNING``): its
+        ``TaskProgress.cancelled`` turns true, and if it has not ended within the
+        worker's grace period (10 s) its process is replaced and it ends cancelled.
+
+        Raises :class:`~lilota.errors.TaskNotFound`, and
+        :class:`~lilota.errors.TaskAlreadyFinished` for a completed, failed or cancelled task.
+        """
+        return self.store.cancel(task_id)
+
+    def retry(self, task_id: int) -> None:
+        """Schedule a failed or cancelled task again, keeping its id."""
+        self.store.retry(task_id)
+
+    def cleanup(self, older_than: timedelta) -> int:
+        """Delete finished tasks that ended more than ``older_than`` ago; returns how many."""
+        return self.store.cleanup(older_than)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of this instance's live worker processes."""
+        return [] if self._supervisor is None else self._supervisor.pids
+
+
+__all__ = ["DEFAULT_DB_URL", "Lilota"]

@@ -1,0 +1,253 @@
+"""Task definitions: which function runs for a task name, with which models and options."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar, get_type_hints
+
+from lilota import serialization
+from lilota.errors import RegistrationError, TaskAlreadyRegistered, TaskNotRegistered
+from lilota.models import TaskProgress
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Task names go into logs, URLs and CLI arguments: keep them printable and bounded.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,200}$")
+
+# Longest back-off between two attempts of a failing task. Without a cap the exponential
+# delay of attempt 20 would be weeks; an hour keeps a flapping dependency from being
+# hammered while still retrying within a working day.
+MAX_RETRY_DELAY = timedelta(hours=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How often and how soon a task that raised is tried again.
+
+    ``max_attempts`` counts every start of the task, whatever ended the earlier ones (an
+    exception or a lost worker). The n-th retry waits ``retry_delay * 2**(n-1)``, capped at
+    one hour, with up to 25 % random jitter so that many failing tasks do not retry in step.
+    """
+
+    max_attempts: int = 1
+    retry_delay: timedelta = timedelta(seconds=1)
+
+    def delay_after(self, attempt: int, rand: Callable[[], float] = random.random) -> timedelta:
+        """The wait before the attempt that follows failed attempt number ``attempt``."""
+        base = self.retry_delay * (2 ** max(0, attempt - 1))
+        base = min(base, MAX_RETRY_DELAY)
+        return base * (1 - 0.25 * rand())
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskDefinition:
+    """A registered task: its function, how to call it, and its options."""
+
+    name: str
+    func: Callable[..., Any]
+    input_model: type | None = None
+    output_model: type | None = None
+    input_param: str | None = None  # parameter receiving the input, if any
+    progress_param: str | None = None  # parameter receiving a TaskProgress, if any
+    context_param: str | None = None  # parameter receiving a TaskContext, if any
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: timedelta | None = None
+    is_async: bool = False
+    schedule: Any = None  # a lilota.schedules.Schedule for periodic tasks
+
+    def call_arguments(self, value: Any, progress: Any, context: Any) -> dict[str, Any]:
+        """Keyword arguments for one call of ``func``."""
+        kwargs: dict[str, Any] = {}
+        if self.input_param is not None:
+            kwargs[self.input_param] = value
+        if self.progress_param is not None:
+            kwargs[self.progress_param] = progress
+        if self.context_param is not None:
+            kwargs[self.context_param] = context
+        return kwargs
+
+
+def _context_class() -> type | None:
+    try:
+        from lilota.context import TaskContext
+    except ImportError:  # the async/context module is optional for the core
+        return None
+    return TaskContext
+
+
+def _special_param(
+    params: list[inspect.Parameter], hints: dict[str, Any], cls: type | None, names: tuple[str, ...]
+) -> str | None:
+    for p in params:
+        hint = hints.get(p.name)
+        if cls is not None and (hint is cls or (isinstance(hint, type) and issubclass(hint, cls))):
+            return p.name
+    for p in params:
+        if p.name in names:
+            return p.name
+    return None
+
+
+def _plan_call(
+    name: str, func: Callable[..., Any], input_model: Any, task_progress: Any
+) -> tuple[str | None, str | None, str | None]:
+    """Decide which parameter gets the input, the progress handle and the context."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise RegistrationError(f"task {name!r}: cannot inspect {func!r}: {exc}") from exc
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if any(p.kind is p.POSITIONAL_ONLY for p in params):
+        raise RegistrationError(f"task {name!r}: positional-only parameters are not supported")
+    try:
+        hints = get_type_hints(func)
+    except Exception:  # unresolvable forward references: fall back to names only
+        hints = {}
+
+    progress_param = _special_param(params, hints, TaskProgress, ("task_progress", "progress"))
+    context_param = _special_param(params, hints, _context_class(), ("ctx", "context"))
+    if task_progress is not None and progress_param is None:
+        # Registered with task_progress=TaskProgress but no parameter is typed or named for
+        # it: the seed's convention is that it is the last parameter.
+        candidates = [p.name for p in params if p.name != context_param]
+        if not candidates:
+            raise RegistrationError(
+                f"task {name!r} was registered with task_progress=TaskProgress, but "
+                f"{func.__name__}() takes no parameter to receive it"
+            )
+        progress_param = candidates[-1]
+
+    rest = [p for p in params if p.name not in (progress_param, context_param)]
+    required = [p for p in rest if p.default is p.empty]
+    if len(required) > 1:
+        raise RegistrationError(
+            f"task {name!r}: {func.__name__}() has {len(required)} required parameters "
+            f"({', '.join(p.name for p in required)}); a task takes one input (use an input "
+            "model to pass several values) plus optionally a TaskProgress or TaskContext"
+        )
+    input_param = rest[0].name if rest else None
+    if input_model is not None and input_param is None:
+        raise RegistrationError(
+            f"task {name!r} has input_model={getattr(input_model, '__name__', input_model)} "
+            f"but {func.__name__}() takes no parameter to receive the input"
+        )
+    return input_param, progress_param, context_param
+
+
+def _as_timedelta(value: timedelta | float | int | None, what: str) -> timedelta | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (timedelta, int, float)):
+        raise RegistrationError(f"{what} must be a timedelta or seconds, got {value!r}")
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta <= timedelta(0):
+        raise RegistrationError(f"{what} must be positive, got {value!r}")
+    return delta
+
+
+class Registry:
+    """Maps task names to :class:`TaskDefinition`. One per ``Lilota`` or ``LilotaWorker``."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskDefinition] = {}
+
+    def register(
+        self,
+        name: str,
+        func: Callable[..., Any] | None = None,
+        *,
+        input_model: type | None = None,
+        output_model: type | None = None,
+        task_progress: type | None = None,
+        max_attempts: int = 1,
+        retry_delay: timedelta | float = timedelta(seconds=1),
+        timeout: timedelta | float | None = None,
+        schedule: Any = None,
+    ) -> Any:
+        """Register ``func`` under ``name``; used as ``@register("name", ...)`` or directly.
+
+        Raises :class:`TaskAlreadyRegistered` for a name registered before and
+        :class:`RegistrationError` for a function or model that cannot be used.
+        """
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise RegistrationError(
+                f"task name must be 1-200 characters of letters, digits and _ . : - /, got {name!r}"
+            )
+        serialization.check_model(input_model, role="input_model")
+        serialization.check_model(output_model, role="output_model")
+        if task_progress is not None and task_progress is not TaskProgress:
+            raise RegistrationError(f"task_progress must be TaskProgress, got {task_progress!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise RegistrationError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        delay = _as_timedelta(retry_delay, "retry_delay")
+        assert delay is not None
+        timeout_delta = _as_timedelta(timeout, "timeout")
+        if schedule is not None and not hasattr(schedule, "ticks_between"):
+            raise RegistrationError(
+                f"schedule must be every(...) or crontab(...) from lilota, got {schedule!r}"
+            )
+
+        def decorator(f: F) -> F:
+            if not callable(f):
+                raise RegistrationError(f"task {name!r}: {f!r} is not callable")
+            if name in self._tasks:
+                raise TaskAlreadyRegistered(
+                    f"a task named {name!r} is already registered "
+                    f"({self._tasks[name].func.__qualname__}); task names must be unique"
+                )
+            input_param, progress_param, context_param = _plan_call(
+                name, f, input_model, task_progress
+            )
+            self._tasks[name] = TaskDefinition(
+                name=name,
+                func=f,
+                input_model=input_model,
+                output_model=output_model,
+                input_param=input_param,
+                progress_param=progress_param,
+                context_param=context_param,
+                retry=RetryPolicy(max_attempts=max_attempts, retry_delay=delay),
+                timeout=timeout_delta,
+                is_async=inspect.iscoroutinefunction(f),
+                schedule=schedule,
+            )
+            return f
+
+        if func is not None:
+            return decorator(func)  # type: ignore[type-var]
+        return decorator
+
+    def get(self, name: str) -> TaskDefinition:
+        """The definition of ``name``; raises :class:`TaskNotRegistered` if there is none."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self._tasks)) or "none"
+            raise TaskNotRegistered(
+                f"no task named {name!r} is registered (registered: {known})"
+            ) from None
+
+    def find(self, name: str) -> TaskDefinition | None:
+        return self._tasks.get(name)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[TaskDefinition]:
+        return iter(list(self._tasks.values()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)

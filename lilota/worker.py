@@ -1,0 +1,646 @@
+"""LilotaWorker and the worker loop: claim -> run -> record, with leases kept alive.
+
+A worker process runs one loop in its main thread: claim runnable tasks, run them one
+after the other, record each outcome, and wait for a wake-up when there is nothing to do.
+A second thread, the lease keeper, renews the leases of the tasks the process holds (so
+that a long, CPU-bound task cannot let them lapse), takes back tasks of dead workers,
+passes cancellation requests to the running task, and ends a task that overruns its
+timeout or ignores a cancellation by replacing the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from lilota import serialization
+from lilota.errors import (
+    ConfigurationError,
+    DatabaseError,
+    LilotaError,
+    SerializationError,
+    TaskCancelled,
+    TaskTimeout,
+)
+from lilota.models import TaskProgress, TaskStatus
+from lilota.registry import Registry, TaskDefinition
+from lilota.store import Claim, Outcome, TaskStore, parse_url, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class WorkerExit(enum.IntEnum):
+    """Exit codes of a worker process; the supervisor acts on them."""
+
+    OK = 0
+    STARTUP_FAILED = 78  # the script or the database could not be set up (EX_CONFIG)
+    TASK_TIMEOUT = 79  # a task overran its timeout: replace the process at once
+    CANCEL_FORCED = 80  # a running task ignored its cancellation: replace at once
+    PARENT_DIED = 81  # the process that started the worker is gone
+
+
+# Environment of a worker process started by a supervisor.
+ENV_CONTROL_FD = "LILOTA_CONTROL_FD"  # write end of a pipe: one JSON line "ready"
+ENV_LIFELINE_FD = "LILOTA_LIFELINE_FD"  # read end of a pipe the parent never writes to
+ENV_LEASE_SECONDS = "LILOTA_LEASE_SECONDS"
+
+# A task batch is flushed (outcomes recorded) once this much time passed since it began,
+# so a slow task in a batch of fast ones never hides the others' results. 50 ms is far
+# below what a person notices and far above the cost of one commit (about 1 ms).
+FLUSH_AFTER = 0.05
+
+# Claim sizing: claim as many tasks as should take about this long by the recent average
+# duration, between 1 and MAX_BATCH. Tasks of a second or more are claimed one at a time,
+# so no worker holds tasks that an idle one could run; no-op tasks are claimed 100 at a
+# time, one commit per 100 tasks. Above ~100 the commit is no longer the cost.
+BATCH_TARGET_SECONDS = 0.02
+MAX_BATCH = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """Tuning of a worker. The defaults suit tasks from milliseconds to hours."""
+
+    # How long a claim lasts without renewal. A worker that dies keeps its tasks this long
+    # at most. Shorter recovers faster but a stalled (swapping, paused) machine loses tasks
+    # it is still running; 30 s survives long GC pauses and slow disks.
+    lease: timedelta = timedelta(seconds=30)
+    # How often leases are renewed (and cancellation requests noticed) while tasks run.
+    # Must stay well under ``lease``: a third of it leaves two chances before expiry.
+    heartbeat: timedelta = timedelta(seconds=1)
+    # Longest idle wait between two looks for work when no wake-up arrives: only a
+    # safety net for lost notifications, never the normal path.
+    idle_poll: float = 5.0
+    # Time a running task gets to end by itself after cancellation is requested.
+    cancel_grace: timedelta = timedelta(seconds=10)
+
+    def __post_init__(self) -> None:
+        if self.lease <= timedelta(seconds=0):
+            raise ConfigurationError(f"lease must be positive, got {self.lease}")
+        if self.heartbeat * 2 > self.lease:
+            raise ConfigurationError(
+                f"heartbeat ({self.heartbeat}) must be at most half the lease ({self.lease})"
+            )
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> WorkerSettings:
+        """Settings with ``LILOTA_LEASE_SECONDS`` from the environment (set by a supervisor)."""
+        values: dict[str, Any] = {}
+        lease = os.environ.get(ENV_LEASE_SECONDS)
+        if lease:
+            seconds = float(lease)
+            values["lease"] = timedelta(seconds=seconds)
+            values["heartbeat"] = timedelta(seconds=min(1.0, seconds / 3))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _error_json(error: BaseException) -> str:
+    kind = type(error)
+    module = kind.__module__
+    name = (
+        kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
+    )
+    return json.dumps(
+        {
+            "type": name,
+            "message": str(error),
+            "traceback": "".join(traceback.format_exception(kind, error, error.__traceback__)),
+        }
+    )
+
+
+def failure_outcome(
+    claim: Claim,
+    definition: TaskDefinition | None,
+    error: BaseException,
+    now: datetime,
+) -> Outcome:
+    """The outcome of an attempt that raised: a retry if attempts are left, else failed."""
+    max_attempts = max(claim.max_attempts, definition.retry.max_attempts if definition else 1)
+    if (
+        definition is not None
+        and isinstance(error, Exception)
+        and not isinstance(error, SerializationError)
+    ):
+        if claim.attempt < max_attempts:
+            delay = definition.retry.delay_after(claim.attempt)
+            return Outcome(
+                id=claim.id,
+                attempt=claim.attempt,
+                status=TaskStatus.PENDING.value,
+                exception=_error_json(error),
+                run_at=now + delay,
+            )
+    return Outcome(
+        id=claim.id,
+        attempt=claim.attempt,
+        status=TaskStatus.FAILED.value,
+        exception=_error_json(error),
+    )
+
+
+def run_task(
+    definition: TaskDefinition,
+    claim: Claim,
+    *,
+    progress: TaskProgress,
+    context: Any = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> Outcome:
+    """Run one claimed task in this thread and return its outcome (never raises).
+
+    Rebuilds the input as the task's ``input_model``, calls the function, and stores the
+    return value as JSON. Shared by workers and by the inline mode of ``lilota.testing``.
+    """
+    try:
+        value = serialization.build(serialization.loads(claim.input), definition.input_model)
+        kwargs = definition.call_arguments(value, progress, context)
+        if definition.is_async:
+            import asyncio
+
+            result = asyncio.run(definition.func(**kwargs))
+        else:
+            result = definition.func(**kwargs)
+        output = serialization.dumps(result, model=definition.output_model, root="output")
+    except TaskCancelled as error:
+        return Outcome(
+            id=claim.id,
+            attempt=claim.attempt,
+            status=TaskStatus.CANCELLED.value,
+            exception=_error_json(error),
+        )
+    except (Exception, SystemExit) as error:
+        log.info("task %d (%s) attempt %d raised %r", claim.id, claim.name, claim.attempt, error)
+        return failure_outcome(claim, definition, error, clock())
+    return Outcome(
+        id=claim.id, attempt=claim.attempt, status=TaskStatus.COMPLETED.value, output=output
+    )
+
+
+@dataclass
+class _Running:
+    claim: Claim
+    definition: TaskDefinition
+    started: float
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_seen_at: float | None = None
+
+
+class WorkerLoop:
+    """The claim -> run -> record loop of one worker process, and its lease keeper."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: Registry,
+        settings: WorkerSettings,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.names = registry.names
+        self._stopping = threading.Event()
+        self._keeper_stop = threading.Event()
+        self._lock = threading.Lock()  # guards the three fields below
+        self._unrecorded: list[Outcome] = []
+        self._queue: collections.deque[Claim] = collections.deque()
+        self._running: _Running | None = None
+        self._cancel_requested: set[int] = set()
+        self._avg_duration = 1.0  # seconds; starts pessimistic: claim one at a time
+        self._listener: Any = None
+
+    # --------------------------------------------------------------------- control
+
+    def request_stop(self) -> None:
+        """Finish the running task, give back claimed ones, then return from run()."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def abandon(self, exit_code: WorkerExit) -> None:
+        """Give every held task back, record what is done, and end the process now."""
+        with self._lock:
+            unrecorded, self._unrecorded = self._unrecorded, []
+            queued = list(self._queue)
+            self._queue.clear()
+            running = self._running
+        try:
+            self.store.finish(unrecorded)
+            self.store.release(queued, refund=True)
+            if running is not None:
+                self.store.release([running.claim], refund=False)
+        except LilotaError as e:
+            log.error("could not give back tasks before exiting (their leases will expire): %s", e)
+        os._exit(exit_code)
+
+    # --------------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        """Work until request_stop(); returns after recording and giving back everything."""
+        keeper = threading.Thread(target=self._keep_leases, name="lilota-lease-keeper", daemon=True)
+        keeper.start()
+        self._listener = self.store.listener()
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    finished, self._unrecorded = self._unrecorded, []
+                try:
+                    claims = self.store.claim(
+                        worker_id=self.worker_id,
+                        names=self.names,
+                        limit=self._batch_size(),
+                        lease=self.settings.lease,
+                        finished=finished,
+                    )
+                    backoff = 0.1
+                except DatabaseError as e:
+                    with self._lock:
+                        self._unrecorded[:0] = finished
+                    log.warning("database unavailable (%s); retrying in %.1f s", e, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if claims:
+                    self._align_max_attempts(claims)
+                    self._run_batch(claims)
+                else:
+                    self._listener.wait(self._idle_timeout())
+        finally:
+            self._shutdown(keeper)
+
+    def _align_max_attempts(self, claims: list[Claim]) -> None:
+        """A scheduler that did not know the task (script mode) stored max_attempts=1;
+        store the registered value so that recovery after a crash retries as promised."""
+        raise_to = []
+        for claim in claims:
+            definition = self.registry.find(claim.name)
+            if definition is not None and definition.retry.max_attempts > claim.max_attempts:
+                raise_to.append((claim, definition.retry.max_attempts))
+        if raise_to:
+            try:
+                self.store.raise_max_attempts(raise_to)
+            except DatabaseError as e:
+                log.warning("could not record max_attempts: %s", e)
+
+    def _batch_size(self) -> int:
+        return max(1, min(MAX_BATCH, int(BATCH_TARGET_SECONDS / max(self._avg_duration, 1e-6))))
+
+    def _idle_timeout(self) -> float:
+        try:
+            next_run = self.store.next_run_at(self.names)
+        except DatabaseError:
+            return 1.0
+        if next_run is None:
+            return self.settings.idle_poll
+        wait = (next_run - self.store.clock()).total_seconds()
+        return min(max(wait, 0.001), self.settings.idle_poll)
+
+    def _run_batch(self, claims: list[Claim]) -> None:
+        with self._lock:
+            self._queue.extend(claims)
+        batch_started = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._queue or self._stopping.is_set():
+                    break
+                claim = self._queue.popleft()
+                cancelled = claim.id in self._cancel_requested
+            definition = self.registry.find(claim.name)
+            if cancelled or definition is None:
+                outcome = self._not_run(claim, definition)
+            else:
+                outcome = self._run_one(claim, definition)
+            with self._lock:
+                self._unrecorded.append(outcome)
+                flush = bool(self._queue) and time.monotonic() - batch_started > FLUSH_AFTER
+            if flush:
+                self._flush()
+                batch_started = time.monotonic()
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+        if left:  # stopping: give back what was claimed but not started
+            self._flush()
+            self.store.release(left, refund=True)
+
+    def _not_run(self, claim: Claim, definition: TaskDefinition | None) -> Outcome:
+        if definition is None:  # cannot happen: claims are filtered by name
+            error: BaseException = LilotaError(f"no task named {claim.name!r} in this worker")
+            return failure_outcome(claim, None, error, self.store.clock())
+        return Outcome(
+            id=claim.id,
+            attempt=claim.attempt,
+            status=TaskStatus.CANCELLED.value,
+            exception=_error_json(
+                TaskCancelled(f"task {claim.id} was cancelled before it started")
+            ),
+        )
+
+    def _run_one(self, claim: Claim, definition: TaskDefinition) -> Outcome:
+        running = _Running(claim=claim, definition=definition, started=time.monotonic())
+        with self._lock:
+            self._running = running
+        progress = TaskProgress(
+            claim.id,
+            lambda pct: self._write_progress(claim, pct),
+            running.cancel_event,
+        )
+        context = self._context(claim, definition, progress, running)
+        log.debug("task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
+        outcome = run_task(
+            definition, claim, progress=progress, context=context, clock=self.store.clock
+        )
+        duration = time.monotonic() - running.started
+        self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
+        with self._lock:
+            self._running = None
+        log.debug("task %d (%s) ends %s in %.3f s", claim.id, claim.name, outcome.status, duration)
+        return outcome
+
+    def _context(
+        self, claim: Claim, definition: TaskDefinition, progress: TaskProgress, running: _Running
+    ) -> Any:
+        if definition.context_param is None:
+            return None
+        from lilota.context import TaskContext
+
+        return TaskContext.for_claim(claim, progress=progress, store=self.store)
+
+    def _write_progress(self, claim: Claim, percentage: int) -> None:
+        if not self.store.set_progress(claim.id, claim.attempt, percentage):
+            log.warning(
+                "task %d: progress %d%% not recorded: this attempt no longer holds it",
+                claim.id,
+                percentage,
+            )
+
+    def _flush(self) -> None:
+        with self._lock:
+            finished, self._unrecorded = self._unrecorded, []
+        try:
+            self.store.finish(finished)
+        except DatabaseError:
+            with self._lock:
+                self._unrecorded[:0] = finished
+            raise
+
+    def _shutdown(self, keeper: threading.Thread) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._flush()
+                break
+            except DatabaseError as e:
+                if time.monotonic() > deadline:
+                    log.error("could not record %d task outcomes: %s", len(self._unrecorded), e)
+                    break
+                time.sleep(1.0)
+        self._keeper_stop.set()
+        keeper.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+
+    # --------------------------------------------------------------------- keeper
+
+    def _keep_leases(self) -> None:
+        """Renew leases, notice cancellations and dead workers, enforce timeouts."""
+        tick = 0.1
+        next_renew = 0.0
+        next_recover = time.monotonic() + self.settings.lease.total_seconds() / 2
+        while not self._keeper_stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                busy = self._running is not None or bool(self._queue)
+            if now >= next_renew:
+                interval = self.settings.heartbeat.total_seconds()
+                if not busy:
+                    interval = max(interval, self.settings.lease.total_seconds() / 3)
+                next_renew = now + interval
+                self._renew()
+            if now >= next_recover:
+                next_recover = now + self.settings.lease.total_seconds() / 2
+                try:
+                    self.store.recover_expired()
+                except DatabaseError as e:
+                    log.warning("could not look for lost tasks: %s", e)
+            self._enforce_limits()
+
+    def _renew(self) -> None:
+        try:
+            report = self.store.renew_leases(self.worker_id, self.settings.lease)
+        except DatabaseError as e:
+            log.warning("could not renew leases: %s", e)
+            return
+        if report.cancel_requested:
+            with self._lock:
+                self._cancel_requested |= report.cancel_requested
+                running = self._running
+            if running is not None and running.claim.id in report.cancel_requested:
+                if not running.cancel_event.is_set():
+                    log.info("task %d: cancellation requested", running.claim.id)
+                    running.cancel_event.set()
+                    running.cancel_seen_at = time.monotonic()
+
+    def _enforce_limits(self) -> None:
+        with self._lock:
+            running = self._running
+        if running is None:
+            return
+        now = time.monotonic()
+        timeout = running.definition.timeout
+        if timeout is not None and now - running.started > timeout.total_seconds():
+            error = TaskTimeout(
+                f"task {running.claim.id} ({running.claim.name}) ran longer than its timeout "
+                f"of {timeout.total_seconds():g} s"
+            )
+            log.error("%s; replacing the worker process", error)
+            outcome = failure_outcome(running.claim, running.definition, error, self.store.clock())
+            self._end_process(outcome, WorkerExit.TASK_TIMEOUT)
+        grace = self.settings.cancel_grace.total_seconds()
+        if running.cancel_seen_at is not None and now - running.cancel_seen_at > grace:
+            error = TaskCancelled(
+                f"task {running.claim.id} was cancelled and did not stop within {grace:g} s"
+            )
+            log.error("%s; replacing the worker process", error)
+            outcome = Outcome(
+                id=running.claim.id,
+                attempt=running.claim.attempt,
+                status=TaskStatus.CANCELLED.value,
+                exception=_error_json(error),
+            )
+            self._end_process(outcome, WorkerExit.CANCEL_FORCED)
+
+    def _end_process(self, outcome: Outcome, code: WorkerExit) -> None:
+        with self._lock:
+            self._running = None
+            self._unrecorded.append(outcome)
+        self.abandon(code)
+
+
+def new_worker_id() -> str:
+    """Unique per process start: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class LilotaWorker:
+    """Registers task functions and, with ``start()``, makes this process a worker.
+
+    ``start()`` blocks until SIGTERM or SIGINT (a second one ends the process at once).
+    Started by a :class:`~lilota.core.Lilota` with ``script_path``, the worker also ends
+    when that process ends, and tells it when it is ready.
+    """
+
+    def __init__(
+        self,
+        db_url: str = "sqlite:///lilota.db",
+        set_progress_manually: bool = False,
+        *,
+        lease: timedelta | None = None,
+        registry: Registry | None = None,
+        store: TaskStore | None = None,
+    ) -> None:
+        self.db_url = db_url
+        self.set_progress_manually = set_progress_manually
+        self.registry = registry if registry is not None else Registry()
+        self._store = store
+        self._lease = lease
+        parse_url(db_url)  # a malformed URL is an error here, not in the worker loop
+        self._loop: WorkerLoop | None = None
+        self._signals = 0
+
+    def register(
+        self, name: str, **options: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a task function; see :meth:`lilota.core.Lilota.register`."""
+        return self.registry.register(name, **options)  # type: ignore[no-any-return]
+
+    @property
+    def store(self) -> TaskStore:
+        if self._store is None:
+            self._store = TaskStore(self.db_url)
+        return self._store
+
+    def start(self) -> None:
+        """Run tasks in this process until told to stop. Blocks."""
+        control_fd = os.environ.pop(ENV_CONTROL_FD, None)
+        lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
+        supervised = control_fd is not None
+        try:
+            settings = WorkerSettings.from_env(lease=self._lease)
+            store = self.store
+            store.ensure_schema()
+            loop = WorkerLoop(store, self.registry, settings)
+            store.register_worker(loop.worker_id, self.registry.names)
+        except Exception as e:
+            log.error("worker could not start: %s", e)
+            if supervised:
+                self._report(control_fd, {"ready": False, "error": f"{type(e).__name__}: {e}"})
+                raise SystemExit(WorkerExit.STARTUP_FAILED) from e
+            raise
+        self._loop = loop
+        self._install_signal_handlers(supervised)
+        if lifeline_fd is not None:
+            threading.Thread(
+                target=self._watch_parent,
+                args=(int(lifeline_fd),),
+                name="lilota-lifeline",
+                daemon=True,
+            ).start()
+        if control_fd is not None:
+            self._report(
+                control_fd,
+                {"ready": True, "pid": os.getpid(), "names": sorted(self.registry.names)},
+            )
+        log.info(
+            "worker %s ready for %s",
+            loop.worker_id,
+            ", ".join(sorted(self.registry.names)) or "no tasks",
+        )
+        try:
+            loop.run()
+        finally:
+            try:
+                store.unregister_worker(loop.worker_id)
+            except LilotaError:
+                pass
+            log.info("worker %s stopped", loop.worker_id)
+
+    def stop(self) -> None:
+        """Ask a running ``start()`` (e.g. from another thread) to stop after the current task."""
+        if self._loop is not None:
+            self._loop.request_stop()
+
+    @staticmethod
+    def _report(fd: str | None, message: dict[str, Any]) -> None:
+        if fd is None:
+            return
+        try:
+            with os.fdopen(int(fd), "w") as pipe:
+                pipe.write(json.dumps(message) + "\n")
+        except OSError:
+            pass
+
+    def _install_signal_handlers(self, supervised: bool) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if supervised:
+            # Ctrl-C in a terminal reaches the whole process group; the supervisor decides.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        loop = self._loop
+        if loop is None:
+            raise SystemExit(128 + signum)
+        if self._signals == 1:
+            log.info(
+                "received %s: finishing the running task, then stopping",
+                signal.Signals(signum).name,
+            )
+            loop.request_stop()
+        else:
+            log.warning(
+                "received %s again: stopping now; running tasks go back to pending",
+                signal.Signals(signum).name,
+            )
+            loop.abandon(WorkerExit.OK)
+
+    def _watch_parent(self, fd: int) -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.warning("the process that started this worker is gone; stopping now")
+        if self._loop is not None:
+            self._loop.abandon(WorkerExit.PARENT_DIED)
+        os._exit(WorkerExit.PARENT_DIED)
+
+
+__all__ = ["LilotaWorker", "WorkerExit", "WorkerLoop", "WorkerSettings", "run_task"]
