@@ -18,7 +18,14 @@ from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, TaskDefinition
 from lilota.store import NewTask, TaskStore, is_memory_sqlite, parse_url
-from lilota.supervisor import BOOT_ARGV, ENV_BOOT, Supervisor, is_worker_process
+from lilota.supervisor import (
+    BOOT_INSTANCE_ARGV,
+    BOOT_SCRIPT_ARGV,
+    ENV_BOOT,
+    ENV_SCRIPT,
+    Supervisor,
+    is_worker_process,
+)
 from lilota.worker import ENV_LEASE_SECONDS, LilotaWorker
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ class Lilota:
         *,
         lease: timedelta | None = None,
         startup_timeout: float = 60.0,
+        registry: Registry | None = None,
     ) -> None:
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
@@ -75,7 +83,8 @@ class Lilota:
         self.set_progress_manually = bool(set_progress_manually)
         self.lease = lease
         self.startup_timeout = startup_timeout
-        self.registry = Registry()
+        # Tasks can be shared with another instance (its registry), e.g. one per database.
+        self.registry = registry if registry is not None else Registry()
         self._store: TaskStore | None = None
         self._supervisor: Supervisor | None = None
         self._scheduled: set[int] = set()
@@ -158,17 +167,25 @@ class Lilota:
         if self.lease is not None:
             env[ENV_LEASE_SECONDS] = str(self.lease.total_seconds())
         if self.script_path is not None:
-            return [sys.executable, self.script_path], env
+            env[ENV_SCRIPT] = self.script_path
+            return list(BOOT_SCRIPT_ARGV), env
         if not len(self.registry):
             return None, env
         env[ENV_BOOT] = json.dumps(self._boot_spec())
-        return list(BOOT_ARGV), env
+        return list(BOOT_INSTANCE_ARGV), env
 
     def _boot_spec(self) -> dict[str, Any]:
         module_name, attr = self._locate()
         main = sys.modules.get("__main__")
         main_spec = getattr(main, "__spec__", None)
-        spec: dict[str, Any] = {"module": module_name, "attr": attr, "sys_path": list(sys.path)}
+        spec: dict[str, Any] = {
+            "module": module_name,
+            "attr": attr,
+            "sys_path": list(sys.path),
+            "db_url": self._url.render_as_string(hide_password=False),
+            "set_progress_manually": self.set_progress_manually,
+            "lease_seconds": None if self.lease is None else self.lease.total_seconds(),
+        }
         if main_spec is not None and getattr(main_spec, "name", None):
             spec["main_module"] = main_spec.name.removesuffix(".__main__")
         elif getattr(main, "__file__", None):
@@ -181,7 +198,8 @@ class Lilota:
         return spec
 
     def _locate(self) -> tuple[str, str]:
-        """The module and global name under which worker processes can find ``self``."""
+        """The module and global name under which worker processes find this instance's
+        tasks: the instance itself, or a module-level object sharing its registry."""
         first = [sys.modules.get("__main__"), sys.modules.get(self._origin)]
         for module in [*first, *list(sys.modules.values())]:
             if module is None:
@@ -191,23 +209,15 @@ class Lilota:
             except TypeError:
                 continue
             for attr, value in names:
-                if value is self:
+                if value is self or (
+                    value is not self.registry and getattr(value, "registry", None) is self.registry
+                ):
                     return module.__name__, attr
         raise ConfigurationError(
             "worker processes find the tasks of a Lilota instance by importing the module "
             "that holds it, but this instance is not a module-level variable. Create it at "
             "module level (lilota = Lilota(...)), or use script_path= with a LilotaWorker script."
         )
-
-    def _run_worker(self) -> None:
-        """Body of a worker process in instance mode (called by the supervisor's boot)."""
-        worker = LilotaWorker(
-            self.db_url,
-            self.set_progress_manually,
-            registry=self.registry,
-            lease=self.lease,
-        )
-        worker.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the workers gracefully; returns when they have exited.

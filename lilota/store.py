@@ -463,7 +463,9 @@ class TaskStore:
                 progress_percentage=0,
                 end_date_time=None,
             )
-            .returning(t.c.id, t.c.name, t.c.input, t.c.attempts, t.c.max_attempts)
+            .returning(
+                t.c.id, t.c.name, t.c.input, t.c.attempts, t.c.max_attempts, t.c.priority, t.c.run_at
+            )
         )
         self._has_runnable = (
             sa.select(t.c.id)
@@ -480,7 +482,9 @@ class TaskStore:
         fence = sa.and_(
             t.c.id == sa.bindparam("b_id"),
             t.c.attempts == sa.bindparam("b_attempt"),
-            t.c.status.in_(ACTIVE),
+            # Not status.in_(ACTIVE): an IN list is an "expanding" parameter, which
+            # SQLAlchemy refuses in executemany (several outcomes at once).
+            sa.or_(t.c.status == PENDING, t.c.status == RUNNING),
         )
         self._finish = (
             t.update()
@@ -495,8 +499,9 @@ class TaskStore:
                     sa.bindparam("b_progress", type_=sa.SmallInteger), t.c.progress_percentage
                 ),
                 lease_expires_at=None,
-                worker_id=sa.bindparam("b_worker"),
-                cancel_requested=sa.bindparam("b_cancel", type_=sa.Boolean),
+                # Who ran a finished task stays visible; a task going back to pending
+                # belongs to no worker.
+                worker_id=sa.case((sa.bindparam("b_status") == PENDING, None), else_=t.c.worker_id),
             )
         )
         self._progress = (
@@ -637,7 +642,7 @@ class TaskStore:
 
         def claim(conn: Connection) -> list[Claim]:
             if finished:
-                self._finish_rows(conn, finished, worker_id=None)
+                self._finish_rows(conn, finished)
             if limit <= 0 or not names:
                 return []
             now = self.clock()
@@ -652,7 +657,9 @@ class TaskStore:
                     "b_lease_until": now + lease,
                 },
             ).all()
-            claims = [
+            # RETURNING comes in no particular order: run them in claim order.
+            rows.sort(key=lambda r: (-r.priority, r.run_at, r.id))
+            return [
                 Claim(
                     id=r.id,
                     name=r.name,
@@ -662,8 +669,6 @@ class TaskStore:
                 )
                 for r in rows
             ]
-            claims.sort(key=lambda c: c.id)
-            return claims
 
         if self.is_sqlite and not finished and not self.has_runnable(names):
             # Look before taking the write lock: an idle SQLite worker is woken by every
@@ -698,9 +703,7 @@ class TaskStore:
 
     # ------------------------------------------------------------------ after the claim
 
-    def _finish_rows(
-        self, conn: Connection, outcomes: Sequence[Outcome], worker_id: str | None
-    ) -> int:
+    def _finish_rows(self, conn: Connection, outcomes: Sequence[Outcome]) -> int:
         now = self.clock()
         params = [
             {
@@ -714,8 +717,6 @@ class TaskStore:
                 "b_progress": 100
                 if o.status == COMPLETED
                 else (0 if o.status == PENDING else None),
-                "b_worker": worker_id,
-                "b_cancel": False,
             }
             for o in outcomes
         ]
@@ -735,7 +736,7 @@ class TaskStore:
         """Record the end of attempts (fenced by attempt). Returns how many were recorded."""
         if not outcomes:
             return 0
-        return int(self._run(lambda conn: self._finish_rows(conn, outcomes, worker_id=None)))
+        return int(self._run(lambda conn: self._finish_rows(conn, outcomes)))
 
     def set_progress(self, task_id: int, attempt: int, percentage: int) -> bool:
         """Record progress of a running attempt. False if the attempt no longer holds it."""
@@ -841,7 +842,7 @@ class TaskStore:
                         run_at=now if retry else None,
                     )
                 )
-            self._finish_rows(conn, outcomes, worker_id=None)
+            self._finish_rows(conn, outcomes)
             self._notify(conn)
             return [(o.id, o.status) for o in outcomes]
 

@@ -17,16 +17,20 @@ raise :class:`~lilota.errors.WorkerStartupError` with the end of its output.
 from __future__ import annotations
 
 import collections
+import importlib
 import json
 import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import IO, Any
 
 from lilota.errors import WorkerStartupError
@@ -35,7 +39,8 @@ from lilota.worker import ENV_CONTROL_FD, ENV_LIFELINE_FD, WorkerExit
 log = logging.getLogger(__name__)
 
 ENV_WORKER_PROCESS = "LILOTA_WORKER_PROCESS"  # set in every worker process
-ENV_BOOT = "LILOTA_BOOT"  # JSON: where a worker finds the Lilota instance (instance mode)
+ENV_BOOT = "LILOTA_BOOT"  # JSON: where a worker finds its tasks, and settings (instance mode)
+ENV_SCRIPT = "LILOTA_SCRIPT"  # path of the worker script (script mode)
 
 # A worker that lived this long before dying is not crash-looping: start it again at once.
 HEALTHY_AFTER = 30.0
@@ -315,19 +320,9 @@ class Supervisor:
         self._lifeline_r = self._lifeline_w = None
 
 
-def boot_instance() -> None:
-    """Entry point of a worker process in instance mode (tasks registered on a Lilota).
-
-    Imports the caller's main module the way ``multiprocessing`` does (as
-    ``__mp_main__``, so its ``if __name__ == "__main__":`` block does not run), finds the
-    Lilota instance by module and attribute name, and runs a worker with its registry.
-    """
-    import importlib
-    import runpy
-    import types
-
-    spec = json.loads(os.environ.pop(ENV_BOOT))
-    sys.path[:0] = [p for p in spec["sys_path"] if p not in sys.path]
+def _import_main(spec: dict[str, Any]) -> types.ModuleType | None:
+    """Import the parent's main module as ``__mp_main__`` (its ``if __name__ ==
+    "__main__":`` block does not run), as multiprocessing's spawn does."""
     main_module: types.ModuleType | None = None
     if spec.get("main_module"):
         namespace = runpy.run_module(spec["main_module"], run_name="__mp_main__", alter_sys=False)
@@ -337,22 +332,67 @@ def boot_instance() -> None:
         main_module = types.ModuleType("__mp_main__")
         main_module.__file__ = spec["main_path"]
         sys.modules["__mp_main__"] = main_module
-        sys.modules["__main__"] = main_module  # pickled references to __main__ resolve here
         with open(spec["main_path"], "rb") as f:
             code = compile(f.read(), spec["main_path"], "exec")
-        exec(code, main_module.__dict__)  # noqa: S102 - the user's own main script
+        exec(code, main_module.__dict__)
     if main_module is not None:
         sys.modules["__mp_main__"] = main_module
-        sys.modules["__main__"] = main_module
+        sys.modules["__main__"] = main_module  # references to __main__.X resolve here
+    return main_module
+
+
+def boot_instance() -> None:
+    """Entry point of a worker process in instance mode (tasks registered on a Lilota).
+
+    Imports the caller's main module, finds the object holding the tasks by module and
+    attribute name, and runs a worker for them with the parent's database and settings.
+    """
+    from lilota.worker import LilotaWorker
+
+    spec = json.loads(os.environ.pop(ENV_BOOT))
+    sys.path[:0] = [p for p in spec["sys_path"] if p not in sys.path]
+    main_module = _import_main(spec)
     module_name = spec["module"]
     module = main_module if module_name == "__main__" else importlib.import_module(module_name)
-    assert module is not None
-    instance = getattr(module, spec["attr"], None)
-    if instance is None:
+    holder = getattr(module, spec["attr"], None)
+    registry = getattr(holder, "registry", None)
+    if registry is None:
         raise SystemExit(
-            f"lilota worker: {module_name}.{spec['attr']} does not exist in the worker process"
+            f"lilota worker: {module_name}.{spec['attr']} holds no tasks in the worker process"
         )
-    instance._run_worker()  # noqa: SLF001 - the instance's own worker entry
+    lease = spec.get("lease_seconds")
+    LilotaWorker(
+        spec["db_url"],
+        spec["set_progress_manually"],
+        registry=registry,
+        lease=None if lease is None else timedelta(seconds=lease),
+    ).start()
 
 
-BOOT_ARGV = [sys.executable, "-c", "from lilota.supervisor import boot_instance; boot_instance()"]
+def boot_script() -> None:
+    """Entry point of a worker process in script mode: run the user's script as
+    ``__main__``. A script that registers tasks on a LilotaWorker normally calls
+    ``worker.start()`` itself; if it ends without doing so, its one worker is started."""
+    from lilota.worker import LilotaWorker
+
+    path = os.environ.pop(ENV_SCRIPT)
+    sys.argv = [path]
+    sys.path.insert(0, os.path.dirname(path))
+    runpy.run_path(path, run_name="__main__")
+    if LilotaWorker.started_in_this_process:
+        return
+    workers = list(LilotaWorker.instances)
+    if len(workers) != 1:
+        raise SystemExit(
+            f"lilota worker: {path} created {len(workers)} LilotaWorker instances and started "
+            "none; create one and call its start() (or leave it to lilota)"
+        )
+    workers[0].start()
+
+
+BOOT_INSTANCE_ARGV = [
+    sys.executable,
+    "-c",
+    "from lilota.supervisor import boot_instance; boot_instance()",
+]
+BOOT_SCRIPT_ARGV = [sys.executable, "-c", "from lilota.supervisor import boot_script; boot_script()"]

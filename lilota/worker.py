@@ -21,11 +21,12 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from lilota import serialization
 from lilota.errors import (
@@ -513,6 +514,11 @@ class LilotaWorker:
     when that process ends, and tells it when it is ready.
     """
 
+    # Every instance made in this process, and whether one was started: script mode starts
+    # the script's worker itself if the script only registers tasks.
+    instances: ClassVar[weakref.WeakSet[LilotaWorker]] = weakref.WeakSet()
+    started_in_this_process: ClassVar[bool] = False
+
     def __init__(
         self,
         db_url: str = "sqlite:///lilota.db",
@@ -530,6 +536,7 @@ class LilotaWorker:
         parse_url(db_url)  # a malformed URL is an error here, not in the worker loop
         self._loop: WorkerLoop | None = None
         self._signals = 0
+        LilotaWorker.instances.add(self)
 
     def register(
         self, name: str, **options: Any
@@ -545,6 +552,7 @@ class LilotaWorker:
 
     def start(self) -> None:
         """Run tasks in this process until told to stop. Blocks."""
+        LilotaWorker.started_in_this_process = True
         control_fd = os.environ.pop(ENV_CONTROL_FD, None)
         lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
         supervised = control_fd is not None
