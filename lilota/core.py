@@ -209,8 +209,10 @@ class Lilota:
             except TypeError:
                 continue
             for attr, value in names:
+                # isinstance first: getattr on arbitrary objects (proxies, pytest.mark)
+                # can have side effects.
                 if value is self or (
-                    value is not self.registry and getattr(value, "registry", None) is self.registry
+                    isinstance(value, (Lilota, LilotaWorker)) and value.registry is self.registry
                 ):
                     return module.__name__, attr
         raise ConfigurationError(
