@@ -337,7 +337,7 @@ class Lilota:
     def schedule(
         self,
         name: str,
-        input: Any = None,  # noqa: A002 - the seed's name
+        input: Any = None,
         *,
         run_at: datetime | None = None,
         delay: timedelta | None = None,

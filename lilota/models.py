@@ -114,7 +114,7 @@ class Task:
         return self.end_date_time - self.start_date_time
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], decode: Callable[[str | None], Any]) -> Task:
+    def from_row(cls, row: Mapping[Any, Any], decode: Callable[[str | None], Any]) -> Task:
         """Build a task from a row mapping; ``decode`` turns stored JSON text into values.
 
         Columns this release does not know (added by a later version) are ignored.

@@ -41,7 +41,8 @@ class RetryPolicy:
         """The wait before the attempt that follows failed attempt number ``attempt``."""
         base = self.retry_delay * (2 ** max(0, attempt - 1))
         base = min(base, MAX_RETRY_DELAY)
-        return base * (1 - 0.25 * rand())
+        delay: timedelta = base * (1 - 0.25 * rand())
+        return delay
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,11 +73,9 @@ class TaskDefinition:
         return kwargs
 
 
-def _context_class() -> type | None:
-    try:
-        from lilota.context import TaskContext
-    except ImportError:  # the async/context module is optional for the core
-        return None
+def _context_class() -> type:
+    from lilota.context import TaskContext
+
     return TaskContext
 
 
@@ -223,7 +222,7 @@ class Registry:
             return f
 
         if func is not None:
-            return decorator(func)  # type: ignore[type-var]
+            return decorator(func)
         return decorator
 
     def get(self, name: str) -> TaskDefinition:

@@ -388,9 +388,11 @@ class TaskStore:
         def read(conn: Connection) -> int | None:
             if not sa.inspect(conn).has_table("lilota_schema"):
                 return None
-            return conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
+            version = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
+            return None if version is None else int(version)
 
-        return self._run(read, read_only=True)
+        result: int | None = self._run(read, read_only=True)
+        return result
 
     # -------------------------------------------------------------- running statements
 
@@ -464,7 +466,13 @@ class TaskStore:
                 end_date_time=None,
             )
             .returning(
-                t.c.id, t.c.name, t.c.input, t.c.attempts, t.c.max_attempts, t.c.priority, t.c.run_at
+                t.c.id,
+                t.c.name,
+                t.c.input,
+                t.c.attempts,
+                t.c.max_attempts,
+                t.c.priority,
+                t.c.run_at,
             )
         )
         self._has_runnable = (
@@ -658,7 +666,7 @@ class TaskStore:
                 },
             ).all()
             # RETURNING comes in no particular order: run them in claim order.
-            rows.sort(key=lambda r: (-r.priority, r.run_at, r.id))
+            rows = sorted(rows, key=lambda r: (-r.priority, r.run_at, r.id))
             return [
                 Claim(
                     id=r.id,

@@ -17,6 +17,7 @@ raise :class:`~lilota.errors.WorkerStartupError` with the end of its output.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import json
 import logging
@@ -305,18 +306,14 @@ class Supervisor:
     @staticmethod
     def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
         if process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
-            except ProcessLookupError:
-                pass
 
     def _close_lifeline(self) -> None:
         for fd in (self._lifeline_r, self._lifeline_w):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._lifeline_r = self._lifeline_w = None
 
 
@@ -395,4 +392,8 @@ BOOT_INSTANCE_ARGV = [
     "-c",
     "from lilota.supervisor import boot_instance; boot_instance()",
 ]
-BOOT_SCRIPT_ARGV = [sys.executable, "-c", "from lilota.supervisor import boot_script; boot_script()"]
+BOOT_SCRIPT_ARGV = [
+    sys.executable,
+    "-c",
+    "from lilota.supervisor import boot_script; boot_script()",
+]

@@ -11,6 +11,7 @@ timeout or ignores a cancellation by replacing the process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import json
 import logging
@@ -133,20 +134,16 @@ def failure_outcome(
 ) -> Outcome:
     """The outcome of an attempt that raised: a retry if attempts are left, else failed."""
     max_attempts = max(claim.max_attempts, definition.retry.max_attempts if definition else 1)
-    if (
-        definition is not None
-        and isinstance(error, Exception)
-        and not isinstance(error, SerializationError)
-    ):
-        if claim.attempt < max_attempts:
-            delay = definition.retry.delay_after(claim.attempt)
-            return Outcome(
-                id=claim.id,
-                attempt=claim.attempt,
-                status=TaskStatus.PENDING.value,
-                exception=_error_json(error),
-                run_at=now + delay,
-            )
+    retriable = isinstance(error, Exception) and not isinstance(error, SerializationError)
+    if definition is not None and retriable and claim.attempt < max_attempts:
+        delay = definition.retry.delay_after(claim.attempt)
+        return Outcome(
+            id=claim.id,
+            attempt=claim.attempt,
+            status=TaskStatus.PENDING.value,
+            exception=_error_json(error),
+            run_at=now + delay,
+        )
     return Outcome(
         id=claim.id,
         attempt=claim.attempt,
@@ -388,7 +385,9 @@ class WorkerLoop:
             return None
         from lilota.context import TaskContext
 
-        return TaskContext.for_claim(claim, progress=progress, store=self.store)
+        return TaskContext.for_claim(
+            claim, progress=progress, store=self.store, registry=self.registry
+        )
 
     def _write_progress(self, claim: Claim, percentage: int) -> None:
         if not self.store.set_progress(claim.id, claim.attempt, percentage):
@@ -459,11 +458,14 @@ class WorkerLoop:
             with self._lock:
                 self._cancel_requested |= report.cancel_requested
                 running = self._running
-            if running is not None and running.claim.id in report.cancel_requested:
-                if not running.cancel_event.is_set():
-                    log.info("task %d: cancellation requested", running.claim.id)
-                    running.cancel_event.set()
-                    running.cancel_seen_at = time.monotonic()
+            if (
+                running is not None
+                and running.claim.id in report.cancel_requested
+                and not running.cancel_event.is_set()
+            ):
+                log.info("task %d: cancellation requested", running.claim.id)
+                running.cancel_event.set()
+                running.cancel_seen_at = time.monotonic()
 
     def _enforce_limits(self) -> None:
         with self._lock:
@@ -482,15 +484,15 @@ class WorkerLoop:
             self._end_process(outcome, WorkerExit.TASK_TIMEOUT)
         grace = self.settings.cancel_grace.total_seconds()
         if running.cancel_seen_at is not None and now - running.cancel_seen_at > grace:
-            error = TaskCancelled(
+            cancelled = TaskCancelled(
                 f"task {running.claim.id} was cancelled and did not stop within {grace:g} s"
             )
-            log.error("%s; replacing the worker process", error)
+            log.error("%s; replacing the worker process", cancelled)
             outcome = Outcome(
                 id=running.claim.id,
                 attempt=running.claim.attempt,
                 status=TaskStatus.CANCELLED.value,
-                exception=_error_json(error),
+                exception=_error_json(cancelled),
             )
             self._end_process(outcome, WorkerExit.CANCEL_FORCED)
 
@@ -590,10 +592,8 @@ class LilotaWorker:
         try:
             loop.run()
         finally:
-            try:
+            with contextlib.suppress(LilotaError):
                 store.unregister_worker(loop.worker_id)
-            except LilotaError:
-                pass
             log.info("worker %s stopped", loop.worker_id)
 
     def stop(self) -> None:

@@ -77,20 +77,28 @@ def test_seed000_basic_task_runs_from_a_script_that_only_registers(
     workdir: Path, lilota_db_url: str
 ) -> None:
     # The seed's myscript.py registers hello-world but never calls worker.start().
-    (workdir / "sample" / "myscript.py").write_text(example("seed000_basic_myscript.py", lilota_db_url))
+    (workdir / "sample" / "myscript.py").write_text(
+        example("seed000_basic_myscript.py", lilota_db_url)
+    )
     fragment = example("seed000_basic_main_fragment.py", lilota_db_url)
-    main = "from lilota.core import Lilota\n" + fragment + textwrap.dedent(
-        """
+    main = (
+        "from lilota.core import Lilota\n"
+        + fragment
+        + textwrap.dedent(
+            """
         lilota.stop()
         print(lilota.get_task_by_id(task_id).status)
         """
+        )
     )
     out = run_python(workdir, main)
     assert out.splitlines() == ["Hello World", "completed"]
 
 
 def test_seed000_add_example_with_models(workdir: Path, lilota_db_url: str) -> None:
-    (workdir / "sample" / "myscript.py").write_text(example("seed000_add_myscript.py", lilota_db_url))
+    (workdir / "sample" / "myscript.py").write_text(
+        example("seed000_add_myscript.py", lilota_db_url)
+    )
     main = textwrap.dedent(
         f"""
         from dataclasses import dataclass

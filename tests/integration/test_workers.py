@@ -66,7 +66,8 @@ def test_eight_workers_run_each_of_8000_tasks_exactly_once(make_app, marks: Path
 
 
 def test_progress_is_seen_from_another_process_while_the_task_runs(
-    make_app, tmp_path: Path  # type: ignore[no-untyped-def]
+    make_app,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     lilota = make_app(workers=1)
     task_id = lilota.schedule("stepped-progress", {"dir": str(tmp_path)})

@@ -58,7 +58,9 @@ def test_same_name_twice_is_refused(registry: Registry) -> None:
 def test_unknown_name_lists_the_registered_ones(registry: Registry) -> None:
     registry.register("b", lambda: None)
     registry.register("a", lambda: None)
-    with pytest.raises(TaskNotRegistered, match=r"no task named 'c' is registered \(registered: a, b\)"):
+    with pytest.raises(
+        TaskNotRegistered, match=r"no task named 'c' is registered \(registered: a, b\)"
+    ):
         registry.get("c")
     assert registry.find("c") is None
 
@@ -124,14 +126,18 @@ def test_unsupported_model_is_refused(registry: Registry) -> None:
         ({"schedule": "every minute"}, "schedule must be every"),
     ],
 )
-def test_bad_options_are_refused(registry: Registry, options: dict[str, object], message: str) -> None:
+def test_bad_options_are_refused(
+    registry: Registry, options: dict[str, object], message: str
+) -> None:
     with pytest.raises(RegistrationError, match=message):
         registry.register("x", lambda: None, **options)  # type: ignore[arg-type]
     assert "x" not in registry
 
 
 def test_options_are_kept(registry: Registry) -> None:
-    registry.register("x", lambda: None, max_attempts=4, retry_delay=2, timeout=timedelta(minutes=1))
+    registry.register(
+        "x", lambda: None, max_attempts=4, retry_delay=2, timeout=timedelta(minutes=1)
+    )
     definition = registry.get("x")
     assert definition.retry == RetryPolicy(max_attempts=4, retry_delay=timedelta(seconds=2))
     assert definition.timeout == timedelta(minutes=1)

@@ -105,7 +105,9 @@ def test_finish_records_output_progress_and_end(store: TaskStore) -> None:
 def test_claim_records_finished_outcomes_in_the_same_call(store: TaskStore) -> None:
     store.add_many([NewTask(name="job"), NewTask(name="job")])
     (first,) = claim(store, limit=1)
-    (second,) = store.claim(worker_id="w1", names=["job"], limit=1, lease=LEASE, finished=[completed(first)])
+    (second,) = store.claim(
+        worker_id="w1", names=["job"], limit=1, lease=LEASE, finished=[completed(first)]
+    )
     task = store.get(first.id)
     assert task is not None and task.status is TaskStatus.COMPLETED
     assert second.id != first.id
@@ -201,7 +203,9 @@ def test_failed_attempt_with_retry_goes_back_to_pending_at_its_time(
     (c,) = claim(store)
     later = clock.now + timedelta(seconds=5)
     error = json.dumps({"type": "ValueError", "message": "boom", "traceback": "tb"})
-    store.finish([Outcome(id=c.id, attempt=c.attempt, status="pending", exception=error, run_at=later)])
+    store.finish(
+        [Outcome(id=c.id, attempt=c.attempt, status="pending", exception=error, run_at=later)]
+    )
     task = store.get(c.id)
     assert task is not None
     assert task.status is TaskStatus.PENDING

@@ -1,0 +1,124 @@
+"""TaskContext: what a running task can know about itself and do."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from lilota import serialization
+from lilota.errors import TaskNotRegistered
+from lilota.models import TaskProgress
+
+if TYPE_CHECKING:
+    from lilota.registry import Registry
+    from lilota.store import Claim, TaskStore
+
+
+class _TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds the task id and attempt to every record (as ``extra`` and in the message)."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(self.extra or {})
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[task {extra['task_id']}] {msg}", kwargs
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskContext:
+    """Handed to a task function that declares a parameter typed ``TaskContext`` (or named
+    ``ctx``/``context``).
+
+    ``task_id``, ``name`` and ``attempt`` (1 for the first run) identify the run;
+    ``logger`` writes records that carry the task id; ``progress`` is the task's
+    :class:`~lilota.models.TaskProgress`; ``cancelled`` turns true when cancellation
+    was requested; ``schedule(...)`` queues a follow-up task in the same database.
+    """
+
+    task_id: int
+    name: str
+    attempt: int
+    max_attempts: int
+    progress: TaskProgress
+    logger: logging.LoggerAdapter  # type: ignore[type-arg]
+    _store: TaskStore
+    _registry: Registry | None = None
+
+    @classmethod
+    def for_claim(
+        cls,
+        claim: Claim,
+        *,
+        progress: TaskProgress,
+        store: TaskStore,
+        registry: Registry | None = None,
+    ) -> TaskContext:
+        logger = _TaskLogger(
+            logging.getLogger(f"lilota.task.{claim.name}"),
+            {"task_id": claim.id, "task_name": claim.name, "attempt": claim.attempt},
+        )
+        return cls(
+            task_id=claim.id,
+            name=claim.name,
+            attempt=claim.attempt,
+            max_attempts=claim.max_attempts,
+            progress=progress,
+            logger=logger,
+            _store=store,
+            _registry=registry,
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone asked to cancel this task."""
+        return self.progress.cancelled
+
+    def schedule(
+        self,
+        name: str,
+        input: Any = None,
+        *,
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        priority: int = 0,
+        unique_key: str | None = None,
+    ) -> int:
+        """Queue another task (like :meth:`lilota.core.Lilota.schedule`); returns its id.
+
+        The input is checked against the task's input model when this worker knows the
+        task; a name this worker does not know is stored as given, for other workers.
+        """
+        from lilota.store import NewTask
+
+        definition = self._registry.find(name) if self._registry is not None else None
+        if not isinstance(name, str):
+            raise TaskNotRegistered(f"a task name is a string, got {name!r}")
+        if definition is not None:
+            text = serialization.prepare(input, definition.input_model, root="input")
+        else:
+            text = serialization.dumps(input, root="input")
+        if delay is not None:
+            run_at = self._store.clock() + delay
+        return self._store.add(
+            NewTask(
+                name=name,
+                input=text,
+                run_at=run_at,
+                priority=priority,
+                unique_key=unique_key,
+                max_attempts=definition.retry.max_attempts if definition is not None else 1,
+            )
+        )
+
+    # seed 004's spelling: ctx.task_manager.queue("name", **params)
+    @property
+    def task_manager(self) -> TaskContext:
+        return self
+
+    def queue(self, name: str, **params: Any) -> int:
+        """Queue ``name`` with keyword parameters as its input dict (seed 004's API)."""
+        return self.schedule(name, params or None)
