@@ -1,0 +1,37 @@
+"""The public API is what the README documents, and the seeds' import paths work."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lilota
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def test_every_public_name_is_documented_in_the_readme() -> None:
+    spans = re.findall(r"`([^`]+)`", README)
+    documented = {name for span in spans for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
+    missing = sorted(set(lilota.__all__) - documented - {"__version__"})
+    assert missing == [], f"in lilota.__all__ but not in README.md: {missing}"
+
+
+def test_public_names_import_from_the_package_root() -> None:
+    for name in lilota.__all__:
+        assert getattr(lilota, name) is not None
+
+
+def test_seed_import_paths() -> None:
+    from lilota.core import Lilota
+    from lilota.models import ModelProtocol, Task, TaskProgress, TaskStatus
+    from lilota.worker import LilotaWorker
+
+    assert Lilota is lilota.Lilota
+    assert LilotaWorker is lilota.LilotaWorker
+    assert (Task, TaskStatus, TaskProgress, ModelProtocol) == (
+        lilota.Task,
+        lilota.TaskStatus,
+        lilota.TaskProgress,
+        lilota.ModelProtocol,
+    )
