@@ -41,7 +41,9 @@ class AddOutput:
     sum: int
 
 
-@lilota.register("report", input_model=ReportInput, output_model=ReportOutput, task_progress=TaskProgress)
+@lilota.register(
+    "report", input_model=ReportInput, output_model=ReportOutput, task_progress=TaskProgress
+)
 def build_report(data: ReportInput, task_progress: TaskProgress) -> ReportOutput:
     """A slow task: "reads" its rows in ten steps and reports progress after each."""
     if data.rows < 0:
@@ -66,7 +68,9 @@ def bar(percentage: int, width: int = 20) -> str:
 
 def show(tasks: list[Task]) -> None:
     for task in tasks:
-        print(f"  task {task.id:>4}  {task.name:<7} [{bar(task.progress_percentage)}] {task.progress_percentage:>3}%  {task.status}")
+        print(
+            f"  task {task.id:>4}  {task.name:<7} [{bar(task.progress_percentage)}] {task.progress_percentage:>3}%  {task.status}"
+        )
 
 
 def main() -> None:
