@@ -91,6 +91,7 @@ CSRF_HEADER = "x-csrf-token"
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+MAX_ID = 2**63 - 1  # task ids are 64-bit; larger numbers cannot name a task
 PREVIEW_CHARS = 160
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -512,8 +513,8 @@ def create_app(
             return _error(400, "bad query: status must be a task status; limit, before_id ints")
         if not 1 <= limit <= MAX_LIMIT:
             return _error(400, f"limit must be from 1 to {MAX_LIMIT}")
-        if before_id is not None and before_id < 1:
-            return _error(400, "before_id must be a positive int")
+        if before_id is not None and not 1 <= before_id <= MAX_ID:
+            return _error(400, "before_id must be a positive 64-bit int")
         tasks = await db(
             task_store.list_tasks, status=status, name=name, limit=limit + 1, before_id=before_id
         )
@@ -538,7 +539,8 @@ def create_app(
         refused = guard_api(request)
         if refused is not None:
             return refused
-        task = await db(task_store.get, int(request.path_params["id"]))
+        task_id = int(request.path_params["id"])
+        task = None if task_id > MAX_ID else await db(task_store.get, task_id)
         if task is None:
             return _error(404, f"no task with id {request.path_params['id']}")
         return JSON(task_detail(task))
@@ -574,6 +576,8 @@ def create_app(
             return refused
         task_id = int(request.path_params["id"])
         action = request.path_params["action"]
+        if task_id > MAX_ID:
+            return _error(404, f"no task with id {task_id}")
         try:
             if action == "cancel":
                 await db(task_store.cancel, task_id)

@@ -140,7 +140,16 @@ def test_filters_by_status_and_name_and_counts_follow_the_name(store: TaskStore)
 
 
 @pytest.mark.parametrize(
-    "query", ["status=bogus", "limit=0", "limit=201", "limit=x", "before_id=-3", "before_id=1.5"]
+    "query",
+    [
+        "status=bogus",
+        "limit=0",
+        "limit=201",
+        "limit=x",
+        "before_id=-3",
+        "before_id=1.5",
+        f"before_id={2**64}",
+    ],
 )
 def test_bad_list_queries_are_refused_with_400(store: TaskStore, query: str) -> None:
     response = client(store).get("/api/tasks?" + query)
@@ -162,8 +171,12 @@ def test_task_detail_has_input_output_exception_and_attempts(store: TaskStore) -
     assert body["duration"] >= 0
 
 
-def test_unknown_task_is_404(store: TaskStore) -> None:
-    assert client(store).get("/api/tasks/999").status_code == 404
+@pytest.mark.parametrize("task_id", [999, 2**63 - 1, 2**63, 10**40])
+def test_unknown_task_is_404(store: TaskStore, task_id: int) -> None:
+    c = client(store)
+    assert c.get(f"/api/tasks/{task_id}").status_code == 404
+    response = c.post(f"/api/tasks/{task_id}/cancel", headers={"X-CSRF-Token": csrf_of(c)})
+    assert response.status_code == 404
 
 
 def test_values_json_cannot_hold_reach_the_browser_as_strict_json(store: TaskStore) -> None:
