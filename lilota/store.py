@@ -78,6 +78,25 @@ SQLITE_WATCH_INTERVAL = 0.005
 # upgrade) is retried this many times before it reaches anyone.
 SQLITE_LOCKED_RETRIES = 5
 
+# A PostgreSQL transaction that fails because the server cannot be reached (a restart, a
+# failover, a dropped connection) is tried this many times, waiting 0.05, 0.1, 0.2, 0.4 s
+# in between: a pooled connection the server closed is replaced without anyone noticing,
+# and a caller such as schedule() learns of a real outage (DatabaseUnavailable) within
+# about a second instead of hanging. Workers retry on their own, with back-off.
+UNREACHABLE_RETRIES = 5
+
+# libpq connection settings unless the URL sets them: a server that does not answer
+# fails a connection attempt after 10 s (the default is to wait forever), and TCP
+# keepalives notice a dead server or network within about a minute even while a
+# statement waits for its answer.
+POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
 metadata = sa.MetaData()
 
 _id_type = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -263,6 +282,11 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and (url.database or ":memory:") == ":memory:"
 
 
+def postgres_connect_args(url: URL) -> dict[str, Any]:
+    """:data:`POSTGRES_CONNECT_DEFAULTS` that the URL's query does not set."""
+    return {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in url.query}
+
+
 def _is_locked(error: BaseException) -> bool:
     return isinstance(error, exc.OperationalError) and "locked" in str(error.orig).lower()
 
@@ -307,6 +331,8 @@ class TaskStore:
         self.engine = self._create_engine(pool_size)
         self._build_statements()
         _stores.add(self)
+        # A store dropped without dispose() closes its pooled connections.
+        weakref.finalize(self, self.engine.dispose)
 
     # ------------------------------------------------------------------ engine, schema
 
@@ -354,6 +380,7 @@ class TaskStore:
                 # bounds how stale a pooled one can be. Disconnects that still happen are
                 # retried by _run, which is cheaper than a ping before every checkout.
                 pool_recycle=1800,
+                connect_args=postgres_connect_args(self.url),
             )
         log.warning("lilota is certified on SQLite and PostgreSQL; %s may work", self.dialect)
         return sa.create_engine(self.url, pool_pre_ping=True)
@@ -423,7 +450,7 @@ class TaskStore:
         ``fn`` must be safe to repeat: every caller here is one transaction that either
         committed or rolled back as a whole. Driver errors become lilota errors.
         """
-        attempts = SQLITE_LOCKED_RETRIES if self.is_sqlite else 2
+        attempts = SQLITE_LOCKED_RETRIES if self.is_sqlite else UNREACHABLE_RETRIES
         for attempt in range(1, attempts + 1):
             try:
                 with self._connection(read_only) as conn, conn.begin():
@@ -431,7 +458,7 @@ class TaskStore:
             except exc.DBAPIError as e:
                 retry = _is_locked(e) or _is_disconnect(e) or isinstance(e, exc.OperationalError)
                 if retry and attempt < attempts:
-                    time.sleep(0.05 * attempt)
+                    time.sleep(0.05 * 2 ** (attempt - 1))
                     continue
                 if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
                     raise DatabaseUnavailable(
@@ -1272,14 +1299,34 @@ class _PostgresListener(Listener):
         super().__init__()
         self._store = store
         self._conn: Any = None
-        self._connect()
+        self._broken = False  # the connection was lost and is not back yet
+        import psycopg
+
+        try:
+            self._connect()
+        except psycopg.Error as e:  # the database is down: wait() connects when it is back
+            self._lost(e)
 
     def _connect(self) -> None:
         import psycopg
 
         url = self._store.url.set(drivername="postgresql")
-        self._conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+        self._conn = psycopg.connect(
+            url.render_as_string(hide_password=False),
+            autocommit=True,
+            **postgres_connect_args(url),
+        )
         self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        if self._broken:
+            self._broken = False
+            log.info("LISTEN connection to %s is back", self._store.safe_url)
+
+    def _lost(self, error: Exception) -> None:
+        # One warning per outage, not one per reconnection attempt.
+        if not self._broken:
+            log.warning("lost the LISTEN connection (%s); reconnecting", error)
+        self._broken = True
+        self.close()
 
     def _wait_once(self, timeout: float) -> bool:
         import psycopg
@@ -1295,9 +1342,8 @@ class _PostgresListener(Listener):
                     pass
             return woken
         except psycopg.Error as e:
-            log.warning("lost the LISTEN connection (%s); reconnecting", e)
-            self.close()
-            time.sleep(min(timeout, 1.0))
+            self._lost(e)
+            self._woken.wait(min(timeout, 1.0))
             return True  # look for work anyway: notifications may have been missed
 
     def close(self) -> None:
