@@ -308,6 +308,44 @@ def test_cancel_on_the_page_cancels_a_pending_task(
     assert scheduler.get_task_by_id(task_id).status is TaskStatus.PENDING  # type: ignore[union-attr]
 
 
+def test_an_action_that_fails_says_why_and_the_message_outlives_the_next_polls(
+    tab: Page, serve: Callable[..., Server], scheduler: Lilota
+) -> None:
+    from playwright.sync_api import expect
+
+    task_id = scheduler.schedule("send_email", {"to": "d@example.com"}, delay=timedelta(hours=1))
+    page = tab.page
+    # The page keeps seeing the task as pending (the first list answer, replayed), while
+    # someone else cancels it: the page's Cancel then meets a task that cannot be cancelled.
+    first: dict[str, str] = {}
+    polls: list[int] = []
+
+    def replay(route: Any) -> None:
+        if "body" not in first:
+            first["body"] = route.fetch().text()
+        polls.append(1)
+        route.fulfill(status=200, content_type="application/json", body=first["body"])
+
+    page.route(lambda url: url.endswith("/api/tasks"), replay)
+    page.goto(serve(scheduler.db_url).url)
+    row = page.locator(f'tr[data-id="{task_id}"]')
+    expect(row).to_have_attribute("data-status", "pending")
+    scheduler.cancel(task_id)
+    row.locator("button.cancel").click()
+    banner = page.locator("#banner")
+    expect(banner).to_have_text(
+        f"Could not cancel task {task_id}: task {task_id} is already cancelled; "
+        "it cannot be cancelled"
+    )
+    seen = len(polls)
+    for _ in range(WAIT_MS // 100):  # until two more polls succeeded
+        if len(polls) >= seen + 2:
+            break
+        page.wait_for_timeout(100)
+    assert len(polls) >= seen + 2
+    expect(banner).to_be_visible()
+
+
 # ---------------------------------------------------------------------- security
 
 

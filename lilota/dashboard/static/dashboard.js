@@ -53,7 +53,11 @@
     return (new Date(nowIso).getTime() - new Date(task.started_at).getTime()) / 1000;
   }
 
-  function showBanner(message) {
+  // An action's error stays up a while; a later successful poll does not hide it at once.
+  let stickyUntil = 0;
+  function showBanner(message, sticky) {
+    if (!message && Date.now() < stickyUntil) return;
+    stickyUntil = sticky ? Date.now() + 8000 : 0;
     const banner = $("banner");
     setText(banner, message || "");
     banner.hidden = !message;
@@ -135,9 +139,10 @@
     button.disabled = true;
     try {
       await post("api/tasks/" + Number(taskId) + "/" + action);
+      stickyUntil = 0;
       showBanner("");
     } catch (e) {
-      showBanner("Could not " + action + " task " + taskId + ": " + e.message);
+      showBanner("Could not " + action + " task " + taskId + ": " + e.message, true);
     } finally {
       button.disabled = false;
       after();
