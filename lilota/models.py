@@ -196,3 +196,18 @@ class TaskProgress:
         """Raise :class:`~lilota.errors.TaskCancelled` if cancellation was requested."""
         if self.cancelled:
             raise TaskCancelled(f"task {self.task_id} was cancelled")
+
+
+def __getattr__(name: str) -> Any:
+    """``TaskBase`` of the earlier TaskRunner API lives in :mod:`lilota.legacy`."""
+    if name == "TaskBase":
+        from lilota import legacy
+
+        return legacy.TaskBase
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Type checkers take a constant named TYPE_CHECKING as true: they see TaskBase's real type.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from lilota.legacy import TaskBase as TaskBase
