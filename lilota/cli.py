@@ -1,7 +1,8 @@
 """The ``lilota`` command: run workers and look at tasks from a shell.
 
 ``lilota worker``, ``tasks``, ``show``, ``watch``, ``cancel``, ``retry``, ``stats``,
-``cleanup`` and ``migrate``; ``lilota --help`` and ``lilota COMMAND --help`` describe them.
+``cleanup``, ``migrate`` and ``dashboard``; ``lilota --help`` and ``lilota COMMAND --help``
+describe them.
 
 The database is ``--db-url`` (before or after the command), else the ``LILOTA_DB_URL``
 environment variable, else ``sqlite:///lilota.db``. Commands other than ``worker`` and
@@ -682,6 +683,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from lilota.dashboard import ENV_TOKEN, serve
+
+        store = _open_store(args)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        token = args.token or os.environ.get(ENV_TOKEN) or None
+        serve(store=store, host=args.host, port=args.port, token=token)
+    except ImportError as e:  # the dashboard extra is not installed
+        raise CommandError(str(e)) from e
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- worker
 
 
@@ -1046,6 +1060,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(
         "migrate", cmd_migrate, help="create or upgrade lilota's tables, print the schema version"
+    )
+
+    p = command(
+        "dashboard",
+        cmd_dashboard,
+        help="serve the web dashboard (pip install 'lilota[dashboard]')",
+        description=(
+            "Serve the web dashboard until Ctrl-C: a live task list, task pages, cancel and "
+            "retry. It listens on 127.0.0.1 (this machine only) unless --host says "
+            "otherwise; anywhere else, set --token."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int_arg, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="access token required to use the dashboard (default: $LILOTA_DASHBOARD_TOKEN)",
     )
     return parser
 

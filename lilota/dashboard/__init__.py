@@ -633,6 +633,7 @@ def create_app(
 def serve(
     db_url: str | None = None,
     *,
+    store: TaskStore | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
@@ -641,8 +642,25 @@ def serve(
     """Run the dashboard with uvicorn until interrupted (what ``lilota dashboard`` does).
 
     Bound to a loopback address (the default), only loopback Host names are accepted.
+    A SQLite ``db_url`` must name an existing file: a mistyped path is an error here,
+    not a new empty database.
     """
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(
+            "serving the lilota dashboard needs uvicorn: pip install 'lilota[dashboard]'"
+        ) from e
+
+    if store is None:
+        store = TaskStore(db_url or os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL)
+        path = store.url.database or ""
+        local_file = path not in ("", ":memory:") and not path.startswith("file:")
+        if store.is_sqlite and local_file and not os.path.exists(path):
+            store.dispose()
+            raise ConfigurationError(
+                f"no SQLite database at {os.path.abspath(path)}; pass --db-url or set {ENV_DB_URL}"
+            )
 
     if token is None:
         token = os.environ.get(ENV_TOKEN) or None
@@ -654,5 +672,7 @@ def serve(
             host,
             ENV_TOKEN,
         )
-    app = create_app(db_url, token=token, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None)
+    app = create_app(
+        store=store, token=token, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)

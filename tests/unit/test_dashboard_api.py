@@ -492,11 +492,53 @@ def test_serve_binds_to_loopback_and_accepts_only_loopback_hosts_by_default(
         seen.update(kwargs, app=app)
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    dashboard.serve(f"sqlite:///{tmp_path / 'serve.db'}")
+    dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}")  # the store fixture's database
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
     c = TestClient(seen["app"])
     assert c.get("/api/tasks", headers={"Host": "localhost:8000"}).status_code == 200
     assert c.get("/api/tasks", headers={"Host": "rebound.example:8000"}).status_code == 400
+
+
+def test_serve_refuses_a_sqlite_file_that_does_not_exist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served"))
+    with pytest.raises(ConfigurationError, match="no SQLite database"):
+        dashboard.serve(f"sqlite:///{tmp_path / 'typo.db'}")
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_lilota_dashboard_command_serves_the_database_on_loopback(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    from lilota.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs, app=app))
+    task_id = add(store)
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    assert main(["--db-url", url, "dashboard", "--port", "8123", "--token", TOKEN]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    c = TestClient(seen["app"], base_url="http://localhost:8123")
+    assert c.get("/api/tasks").status_code == 401
+    listed = c.get("/api/tasks", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert [t["id"] for t in listed["tasks"]] == [task_id]
+
+
+def test_lilota_dashboard_command_refuses_a_database_without_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    from lilota.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served"))
+    assert main(["dashboard", "--db-url", f"sqlite:///{tmp_path / 'none.db'}"]) == 1
+    assert "no SQLite database" in capsys.readouterr().err
 
 
 def test_the_command_line_defaults_to_loopback_port_8000() -> None:
