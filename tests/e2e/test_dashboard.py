@@ -76,7 +76,7 @@ def send_email(data):
     return {{"sent_to": data["to"]}}
 
 
-@worker.register("import_csv")
+@worker.register("import_csv", max_attempts=1)
 def import_csv(data):
     raise ValueError(f"row 3 of {{data['file']}}: expected 4 columns, got 3")
 
