@@ -479,6 +479,30 @@ class TaskStore:
         t = task_table
         self._insert = t.insert().returning(t.c.id)
         self._insert_many = t.insert().returning(t.c.id, sort_by_parameter_order=True)
+        self._insert_many_pg_stmt = sa.text(
+            f"""
+            INSERT INTO lilota_task (
+                name, status, input, run_at, priority, max_attempts, description,
+                unique_key, schedule_key, created_at, attempts, progress_percentage,
+                cancel_requested
+            )
+            SELECT
+                n.name, '{PENDING}', n.input, n.run_at, n.priority, n.max_attempts,
+                n.description, n.unique_key, n.schedule_key, CAST(:now AS timestamp), 0, 0,
+                false
+            FROM unnest(
+                CAST(:names AS varchar[]), CAST(:inputs AS text[]),
+                CAST(:run_ats AS timestamp[]), CAST(:priorities AS integer[]),
+                CAST(:max_attempts AS integer[]), CAST(:descriptions AS text[]),
+                CAST(:unique_keys AS varchar[]), CAST(:schedule_keys AS varchar[])
+            ) WITH ORDINALITY AS n(
+                name, input, run_at, priority, max_attempts, description, unique_key,
+                schedule_key, position
+            )
+            ORDER BY n.position
+            RETURNING id
+            """
+        )
         runnable = (
             sa.select(t.c.id)
             .where(t.c.status == PENDING)
@@ -683,12 +707,38 @@ class TaskStore:
 
         def insert(conn: Connection) -> list[int]:
             now = self.clock()
-            rows = [self._row(task, now) for task in tasks]
-            ids = [int(r[0]) for r in conn.execute(self._insert_many, rows)]
+            if self.is_postgres:
+                ids = self._insert_many_pg(conn, tasks, now)
+            else:
+                rows = [self._row(task, now) for task in tasks]
+                ids = [int(r[0]) for r in conn.execute(self._insert_many, rows)]
             self._notify(conn)
             return ids
 
         return list(self._run(insert))
+
+    def _insert_many_pg(
+        self, conn: Connection, tasks: Sequence[NewTask], now: datetime
+    ) -> list[int]:
+        # One INSERT ... SELECT FROM unnest(one array per column): four to five times the
+        # rows per second of SQLAlchemy's multi-row VALUES batches. Rows are inserted in
+        # input order (ORDER BY the ordinality), so their ids, drawn from the sequence as
+        # rows are inserted, ascend in input order: sorting the returned ids restores it.
+        result = conn.execute(
+            self._insert_many_pg_stmt,
+            {
+                "now": now,
+                "names": [t.name for t in tasks],
+                "inputs": [t.input for t in tasks],
+                "run_ats": [to_naive_utc(t.run_at) if t.run_at else now for t in tasks],
+                "priorities": [t.priority for t in tasks],
+                "max_attempts": [t.max_attempts for t in tasks],
+                "descriptions": [t.description for t in tasks],
+                "unique_keys": [t.unique_key for t in tasks],
+                "schedule_keys": [t.schedule_key for t in tasks],
+            },
+        )
+        return sorted(int(r[0]) for r in result)
 
     # ------------------------------------------------------------------ claiming
 
