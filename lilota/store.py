@@ -329,6 +329,12 @@ class TaskStore:
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self.engine = self._create_engine(pool_size)
+        # The same pool, for single statements that need no BEGIN/COMMIT (PostgreSQL).
+        self._autocommit_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.is_postgres
+            else self.engine
+        )
         self._build_statements()
         _stores.add(self)
         # A store dropped without dispose() closes its pooled connections.
@@ -434,26 +440,31 @@ class TaskStore:
     # -------------------------------------------------------------- running statements
 
     @contextmanager
-    def _connection(self, read_only: bool) -> Iterator[Connection]:
+    def _connection(self, read_only: bool, autocommit: bool = False) -> Iterator[Connection]:
         if self._memory_lock is not None:
             with self._memory_lock, self.engine.connect() as conn:
                 yield conn
             return
-        with self.engine.connect() as conn:
+        engine = self._autocommit_engine if autocommit else self.engine
+        with engine.connect() as conn:
             if read_only and self.is_sqlite:
                 conn = conn.execution_options(lilota_read=True)
             yield conn
 
-    def _run(self, fn: Callable[[Connection], Any], *, read_only: bool = False) -> Any:
+    def _run(
+        self, fn: Callable[[Connection], Any], *, read_only: bool = False, autocommit: bool = False
+    ) -> Any:
         """Run ``fn`` in one transaction, retrying lock and disconnect errors a few times.
 
         ``fn`` must be safe to repeat: every caller here is one transaction that either
         committed or rolled back as a whole. Driver errors become lilota errors.
+        ``autocommit`` (PostgreSQL) is for an ``fn`` that runs one statement, which is a
+        transaction by itself then: one round trip instead of BEGIN, statement, COMMIT.
         """
         attempts = SQLITE_LOCKED_RETRIES if self.is_sqlite else UNREACHABLE_RETRIES
         for attempt in range(1, attempts + 1):
             try:
-                with self._connection(read_only) as conn, conn.begin():
+                with self._connection(read_only, autocommit) as conn, conn.begin():
                     return fn(conn)
             except exc.DBAPIError as e:
                 retry = _is_locked(e) or _is_disconnect(e) or isinstance(e, exc.OperationalError)
@@ -478,6 +489,9 @@ class TaskStore:
     def _build_statements(self) -> None:
         t = task_table
         self._insert = t.insert().returning(t.c.id)
+        self._insert_notify = t.insert().returning(
+            t.c.id, sa.func.pg_notify(NOTIFY_CHANNEL, "").label("notified")
+        )
         self._insert_many = t.insert().returning(t.c.id, sort_by_parameter_order=True)
         self._insert_many_pg_stmt = sa.text(
             f"""
@@ -661,7 +675,9 @@ class TaskStore:
         """
         self.ensure_schema()
         if task.unique_key is None and task.schedule_key is None:
-            return int(self._run(lambda conn: self._insert_one(conn, task)))
+            return int(
+                self._run(lambda conn: self._insert_one(conn, task), autocommit=self.is_postgres)
+            )
         for _ in range(5):
             found = self._run(lambda conn: self._insert_deduplicated(conn, task))
             if found is not None:
@@ -672,6 +688,12 @@ class TaskStore:
         )
 
     def _insert_one(self, conn: Connection, task: NewTask) -> int:
+        if self.is_postgres:
+            # INSERT ... RETURNING id, pg_notify(...): one statement, run in autocommit
+            # (see add), so scheduling a task costs one round trip instead of four.
+            row = conn.execute(self._insert_notify, self._row(task, self.clock())).first()
+            assert row is not None
+            return int(row[0])
         new_id = conn.execute(self._insert, self._row(task, self.clock())).scalar_one()
         self._notify(conn)
         return int(new_id)
