@@ -235,9 +235,11 @@ class Lilota:
         self._stopped = True
         if supervisor is None:
             return
-        self._wait_for_scheduled(deadline)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        supervisor.stop(timeout=left)
+        try:
+            self._wait_for_scheduled(deadline)
+        finally:  # the database may be gone: the workers are stopped all the same
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            supervisor.stop(timeout=left)
 
     def _wait_for_scheduled(self, deadline: float | None) -> None:
         with self._lock:

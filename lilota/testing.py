@@ -29,6 +29,23 @@ Fixtures
     runs once per session on the template database, so every per-test database starts with
     what it put there (for example lilota's schema). It must close its connections.
 
+For apps that use lilota (see "Apps, waiting and inline mode" at the end of this module)
+----------------------------------------------------------------------------------------
+``lilota_app_options`` (function)
+    ``{}``. Override it in a ``conftest.py`` to return the keyword arguments of your
+    ``Lilota``: ``{"registry": myapp.lilota.registry}`` (instance mode) or
+    ``{"script_path": "worker.py"}``, plus e.g. ``number_of_workers`` or ``lease``.
+``lilota_app`` (function)
+    A started ``Lilota`` on ``lilota_db_url`` with ``lilota_app_options``; stopped at teardown
+    (with a timeout, also when the test failed).
+``lilota_app_factory`` (function)
+    ``make(**overrides) -> Lilota``: more started instances (same database by default);
+    every one is stopped at teardown.
+``lilota_inline`` (function)
+    A ``Lilota`` on ``lilota_db_url`` without worker processes: the test runs the pending
+    tasks in its own process with :func:`run_pending` (or :func:`eager`).
+Helpers: :func:`wait_for`, :func:`run_pending`, :func:`eager`.
+
 Options
 -------
 ``--lilota-backend=sqlite,postgres``
@@ -74,6 +91,7 @@ SQL lives in ``lilota.store``.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import itertools
 import logging
@@ -96,6 +114,10 @@ import pytest
 
 if TYPE_CHECKING:
     import psycopg
+
+    from lilota.core import Lilota
+    from lilota.models import Task
+    from lilota.store import Claim
 
 __all__ = [
     "ENV_CI",
@@ -958,3 +980,397 @@ def lilota_db_url(request: pytest.FixtureRequest) -> str:
 # Put them below this banner. Keep heavy imports lazy (inside functions), and keep SQL out
 # of this module except the CREATE/DROP DATABASE helpers above.
 # ============================================================================================
+
+# Apps, waiting and inline mode
+# -----------------------------
+# ``lilota_app`` runs your tasks in real worker processes on the test database, as in
+# production; ``wait_for`` waits for one task and fails the test with what the task was doing.
+# The inline mode (``run_pending``, ``eager``, ``lilota_inline``) runs pending tasks in the
+# test's own process and thread, through the worker's own ``lilota.worker.run_task``: the
+# same input rebuilding, output and error serialization, TaskProgress (written to the store)
+# and TaskContext (follow-up tasks go to the store and are run too), the same retry outcome.
+# Not enforced inline: task timeouts, and cancellation of a task while it runs (a task
+# cancelled before it is picked up never runs, as with a worker).
+
+__all__ += [
+    "DEFAULT_APP_WORKERS",
+    "DEFAULT_MAX_RUNS",
+    "DEFAULT_STOP_TIMEOUT",
+    "eager",
+    "run_pending",
+    "wait_for",
+]
+
+#: Seconds the app fixtures give ``Lilota.stop()`` at teardown; then workers are killed.
+DEFAULT_STOP_TIMEOUT = 30.0
+#: Worker processes of ``lilota_app`` unless ``lilota_app_options`` says otherwise.
+DEFAULT_APP_WORKERS = 2
+#: Most task runs of one ``run_pending()`` call without ``limit``: a guard against tasks that
+#: schedule tasks forever.
+DEFAULT_MAX_RUNS = 1000
+# Inline claims are never renewed: a long lease keeps a real worker on the same database
+# from taking one back while the test runs it.
+_INLINE_LEASE_SECONDS = 3600.0
+
+
+def _unfinished_message(lilota: Lilota, task: Task, timeout: float) -> str:
+    from datetime import datetime, timezone
+
+    parts = [
+        f"task {task.id} ({task.name}) did not finish within {timeout:g} s:",
+        f"status {task.status.value}, progress {task.progress_percentage}%,",
+        f"attempt {task.attempts} of {task.max_attempts},",
+        f"exception: {task.exception if task.exception is not None else 'none'}",
+    ]
+    hints: list[str] = []
+    now = datetime.now(timezone.utc)
+    if task.cancel_requested:
+        hints.append("cancellation was requested")
+    if task.status.value == "pending":
+        if task.run_at is not None and task.run_at > now:
+            hints.append(f"it is not due before {task.run_at.isoformat(timespec='seconds')}")
+        if not lilota.worker_pids:
+            hints.append(
+                "this Lilota instance runs no worker processes (not started, "
+                "number_of_workers=0, or no registry/script_path: see lilota_app_options)"
+            )
+    elif task.status.value == "running":
+        hints.append(f"running in process {task.pid} (worker {task.worker_id})")
+        if task.lease_expires_at is not None and task.lease_expires_at < now:
+            hints.append("its lease has expired: the worker may be gone")
+    message = " ".join(parts)
+    if hints:
+        message += "; " + "; ".join(hints)
+    if task.exception is not None and task.exception.traceback:
+        message += "\n" + task.exception.traceback.rstrip()
+    return message
+
+
+def wait_for(lilota: Lilota, task_id: int, timeout: float = 10.0) -> Task:
+    """Wait until the task is completed, failed or cancelled, and return it.
+
+    If it is not after ``timeout`` seconds, the test fails (``pytest.fail``) with the
+    task's status, progress, attempts and last exception (with its traceback) in the
+    message, and hints such as "this Lilota instance runs no worker processes". An
+    unknown id fails the test too. It does not check *how* the task ended: assert
+    ``task.status`` yourself.
+    """
+    __tracebackhide__ = True
+    from lilota.errors import TaskNotFound
+
+    try:
+        return lilota.wait(task_id, timeout=timeout)
+    except TaskNotFound:
+        pytest.fail(f"wait_for: there is no task with id {task_id}", pytrace=False)
+    except TimeoutError:
+        pass
+    task = lilota.get_task_by_id(task_id)
+    if task is None:
+        pytest.fail(f"wait_for: task {task_id} was deleted while waiting", pytrace=False)
+    if task.is_final:  # it finished between the last look and now
+        return task
+    pytest.fail(_unfinished_message(lilota, task, timeout), pytrace=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Inline mode
+# --------------------------------------------------------------------------------------------
+
+
+def _write_progress(lilota: Lilota, claim: Claim, percentage: int) -> None:
+    if not lilota.store.set_progress(claim.id, claim.attempt, percentage):
+        logger.warning(
+            "task %d: progress %d%% not recorded: this attempt no longer holds it",
+            claim.id,
+            percentage,
+        )
+
+
+def _run_claim(lilota: Lilota, claim: Claim, *, retry_now: bool) -> Task:
+    """Run one claimed task in this thread as a worker would, record and return it."""
+    import dataclasses
+
+    from lilota.models import TaskProgress, TaskStatus
+    from lilota.worker import failure_outcome, run_task
+
+    store = lilota.store
+    definition = lilota.registry.get(claim.name)
+    if definition.retry.max_attempts > claim.max_attempts:
+        # Scheduled by something that did not know the task: store the registered limit,
+        # as a worker does.
+        store.raise_max_attempts([(claim, definition.retry.max_attempts)])
+    progress = TaskProgress(
+        claim.id, lambda pct: _write_progress(lilota, claim, pct), threading.Event()
+    )
+    context: Any = None
+    if definition.context_param is not None:
+        from lilota.context import TaskContext
+
+        context = TaskContext.for_claim(
+            claim, progress=progress, store=store, registry=lilota.registry
+        )
+    logger.debug("inline: task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
+    try:
+        outcome = run_task(definition, claim, progress=progress, context=context, clock=store.clock)
+    except BaseException as error:
+        # KeyboardInterrupt, or pytest.fail()/skip() called inside the task: record the task
+        # as failed (not left running) and let it go on.
+        store.finish([failure_outcome(claim, definition, error, store.clock())])
+        raise
+    if retry_now and outcome.status == TaskStatus.PENDING.value and outcome.run_at is not None:
+        outcome = dataclasses.replace(outcome, run_at=store.clock())
+    if not store.finish([outcome]):
+        logger.warning("inline: the outcome of task %d was not recorded", claim.id)
+    task = store.get(claim.id)
+    if task is None:
+        raise LookupError(f"task {claim.id} disappeared while it ran inline")
+    return task
+
+
+def _inline_names(lilota: Lilota, names: str | Iterable[str] | None) -> frozenset[str]:
+    from lilota.errors import ConfigurationError
+
+    registered = lilota.registry.names
+    if not registered:
+        raise ConfigurationError(
+            "run_pending runs the tasks registered in this process, and this Lilota has "
+            "none: create it with registry=<your module-level Lilota>.registry (tasks that "
+            "live only in a worker script, script_path=..., cannot run inline)"
+        )
+    if names is None:
+        return registered
+    wanted = frozenset([names] if isinstance(names, str) else names)
+    unknown = wanted - registered
+    if unknown:
+        raise ConfigurationError(
+            f"run_pending: {', '.join(sorted(unknown))} not registered on this Lilota "
+            f"(registered: {', '.join(sorted(registered))})"
+        )
+    return wanted
+
+
+def run_pending(
+    lilota: Lilota,
+    *,
+    names: str | Iterable[str] | None = None,
+    limit: int | None = None,
+    retry_now: bool = True,
+    max_runs: int = DEFAULT_MAX_RUNS,
+) -> list[Task]:
+    """Run the due pending tasks of ``lilota``'s registry in this thread, until none is left.
+
+    Each task is claimed from the database like a worker claims it (highest priority
+    first, then run_at, then id), run by the worker's own code (``lilota.worker.run_task``:
+    input rebuilt as the input model, ``TaskProgress`` writing to the database,
+    ``TaskContext``), and its outcome recorded: output, or the exception with its
+    traceback, or a retry. Tasks scheduled meanwhile (follow-ups from ``ctx.schedule``)
+    are run too. Returns the task as recorded after each run, in run order (a task retried
+    at once appears once per attempt).
+
+    ``names``: only these task names (default: every name of ``lilota.registry``; other
+    tasks stay pending). ``limit``: at most this many runs. ``retry_now``: a task that
+    raises with attempts left gets its retry as with a worker (pending again, the
+    exception recorded), but due at once, so this call runs it until it completes or has
+    used ``max_attempts``; with ``retry_now=False`` the retry is due after its
+    ``retry_delay``, as with a worker, and this call leaves it pending. Tasks whose
+    ``run_at`` is in the future are not run. Without ``limit``, the test fails if more
+    than ``max_runs`` runs would be needed (a task that schedules itself forever).
+
+    Not enforced: the task's ``timeout``, and cancellation while a task runs. ``async``
+    tasks run in ``asyncio.run``: call ``run_pending`` from a synchronous test (or through
+    ``asyncio.to_thread``), not from inside a running event loop.
+    """
+    __tracebackhide__ = True
+    wanted = _inline_names(lilota, names)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit!r}")
+    store = lilota.store
+    store.ensure_schema()
+    from datetime import timedelta
+
+    lease = timedelta(seconds=_INLINE_LEASE_SECONDS)
+    worker_id = f"inline:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    cap = limit if limit is not None else max_runs
+    runs: list[Task] = []
+    while len(runs) < cap:
+        claims = store.claim(worker_id=worker_id, names=wanted, limit=1, lease=lease)
+        if not claims:
+            return runs
+        runs.append(_run_claim(lilota, claims[0], retry_now=retry_now))
+    if limit is None and store.has_runnable(wanted):
+        counts = collections.Counter(task.name for task in runs)
+        pytest.fail(
+            f"run_pending ran {len(runs)} tasks and more are still due "
+            f"({', '.join(f'{name}: {n}' for name, n in counts.most_common(5))}): does a task "
+            "schedule itself (or another) on every run? Pass max_runs= if this many is expected",
+            pytrace=False,
+        )
+    return runs
+
+
+@contextlib.contextmanager
+def eager(
+    lilota: Lilota, *, retry_now: bool = True, max_runs: int = DEFAULT_MAX_RUNS
+) -> Iterator[Lilota]:
+    """Within the ``with`` block, ``lilota.schedule()`` and ``schedule_many()`` store the
+    task(s) and then run the due pending tasks inline (:func:`run_pending`) before they
+    return the id(s), like Celery's eager mode. A task that fails is recorded as failed,
+    not raised: read it with ``lilota.get_task_by_id(task_id)``.
+
+    Patches this one instance (for instance your app's module-level ``Lilota``); the
+    original methods come back at the end of the block. A task that schedules through the
+    same instance while it runs inline gets its follow-up run after it, not inside it.
+    ``retry_now`` and ``max_runs`` are those of :func:`run_pending`.
+    """
+    state = threading.local()
+    original_schedule = lilota.schedule
+    original_schedule_many = lilota.schedule_many
+    attributes = vars(lilota)
+    missing = object()
+    saved = {name: attributes.get(name, missing) for name in ("schedule", "schedule_many")}
+
+    def drain() -> None:
+        if getattr(state, "running", False):
+            return  # the run_pending below this one picks the new task up
+        state.running = True
+        try:
+            run_pending(lilota, retry_now=retry_now, max_runs=max_runs)
+        finally:
+            state.running = False
+
+    def schedule(*args: Any, **kwargs: Any) -> int:
+        task_id = original_schedule(*args, **kwargs)
+        drain()
+        return task_id
+
+    def schedule_many(*args: Any, **kwargs: Any) -> list[int]:
+        ids = original_schedule_many(*args, **kwargs)
+        drain()
+        return ids
+
+    _inline_names(lilota, None)  # fail now, not at the first schedule()
+    attributes["schedule"] = schedule
+    attributes["schedule_many"] = schedule_many
+    try:
+        yield lilota
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                attributes.pop(name, None)
+            else:
+                attributes[name] = value
+
+
+# --------------------------------------------------------------------------------------------
+# App fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def _stop_all(instances: Sequence[tuple[Lilota, float]]) -> None:
+    """Stop every instance (last made first), each within its timeout; then close their
+    database connections. Raises the first error after trying all of them."""
+    errors: list[BaseException] = []
+    for lilota, timeout in reversed(instances):
+        try:
+            lilota.stop(timeout=timeout)
+        except BaseException as error:
+            logger.error("stopping %r at teardown failed: %s", lilota, error)
+            errors.append(error)
+        finally:
+            with contextlib.suppress(Exception):
+                lilota.store.dispose()
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def lilota_app_options() -> dict[str, Any]:
+    """Keyword arguments of the ``Lilota`` that ``lilota_app``, ``lilota_app_factory`` and
+    ``lilota_inline`` make. Override it in your ``conftest.py``::
+
+        @pytest.fixture
+        def lilota_app_options():
+            return {"registry": myapp.tasks.lilota.registry, "number_of_workers": 2}
+
+    ``registry=`` shares the tasks registered on a module-level ``Lilota`` of your app
+    (worker processes import that module); ``script_path=`` names a worker script instead.
+    ``db_url`` defaults to ``lilota_db_url``; ``number_of_workers`` to 2 (``lilota_app``);
+    ``stop_timeout`` (seconds, default 30) bounds ``stop()`` at teardown. Override it in
+    one test module only, or per test with
+    ``@pytest.mark.parametrize("lilota_app_options", [{...}])``.
+    """
+    return {}
+
+
+@pytest.fixture
+def lilota_app_factory(
+    lilota_db_url: str, lilota_app_options: dict[str, Any]
+) -> Iterator[Callable[..., Lilota]]:
+    """``make(**overrides) -> Lilota``: a started ``Lilota`` made from ``lilota_app_options``
+    updated with ``overrides`` (e.g. ``make(number_of_workers=4)`` or ``make(start=False)``);
+    every instance it made is stopped at teardown, within its ``stop_timeout``."""
+    made: list[tuple[Lilota, float]] = []
+
+    def make(**overrides: Any) -> Lilota:
+        __tracebackhide__ = True
+        from lilota.core import Lilota
+
+        options: dict[str, Any] = {
+            "db_url": lilota_db_url,
+            "number_of_workers": DEFAULT_APP_WORKERS,
+            **lilota_app_options,
+            **overrides,
+        }
+        stop_timeout = float(options.pop("stop_timeout", DEFAULT_STOP_TIMEOUT))
+        start = bool(options.pop("start", True))
+        if (
+            options.get("registry") is None
+            and options.get("script_path") is None
+            and options["number_of_workers"] != 0
+        ):
+            pytest.fail(
+                "lilota_app has no tasks to run: override the lilota_app_options fixture in "
+                "your conftest.py to return {'registry': <your module-level Lilota>.registry} "
+                "or {'script_path': <your worker script>} (or pass number_of_workers=0 for a "
+                "scheduler without workers)",
+                pytrace=False,
+            )
+        lilota = Lilota(**options)
+        made.append((lilota, stop_timeout))
+        if start:
+            lilota.start()
+        return lilota
+
+    try:
+        yield make
+    finally:
+        _stop_all(made)
+
+
+@pytest.fixture
+def lilota_app(lilota_app_factory: Callable[..., Lilota]) -> Lilota:
+    """A started ``Lilota`` on ``lilota_db_url`` running your tasks (``lilota_app_options``)
+    in worker processes; stopped at teardown (``stop_timeout``, default 30 s, then the
+    workers are killed), whether the test passed or not."""
+    return lilota_app_factory()
+
+
+@pytest.fixture
+def lilota_inline(lilota_db_url: str, lilota_app_options: dict[str, Any]) -> Iterator[Lilota]:
+    """A ``Lilota`` on ``lilota_db_url`` with the tasks of ``lilota_app_options`` and no
+    worker processes: schedule, then run the tasks in the test with
+    ``run_pending(lilota_inline)``, or wrap the code under test in
+    ``with eager(lilota_inline):``."""
+    from lilota.core import Lilota
+
+    options = {
+        key: value
+        for key, value in {"db_url": lilota_db_url, **lilota_app_options}.items()
+        if key not in ("number_of_workers", "stop_timeout", "start", "script_path")
+    }
+    lilota = Lilota(**options, number_of_workers=0)
+    lilota.store.ensure_schema()
+    try:
+        yield lilota
+    finally:
+        _stop_all([(lilota, DEFAULT_STOP_TIMEOUT)])
