@@ -550,6 +550,31 @@ class TaskStore:
                 t.c.run_at,
             )
         )
+        # PostgreSQL: the same claim written by hand: names as one array parameter, so the
+        # text never changes and psycopg prepares it once per connection; ids taken with
+        # = ANY(ARRAY(...)), which reads the locked rows back by primary key.
+        self._claim_pg = sa.text(
+            f"""
+            UPDATE lilota_task SET
+                status = '{RUNNING}',
+                attempts = attempts + 1,
+                worker_id = :b_worker_id,
+                pid = :b_pid,
+                start_date_time = :now,
+                lease_expires_at = :b_lease_until,
+                progress_percentage = 0,
+                end_date_time = NULL
+            WHERE id = ANY(ARRAY(
+                SELECT id FROM lilota_task
+                WHERE status = '{PENDING}' AND run_at <= :now
+                    AND name = ANY(CAST(:names AS varchar[]))
+                ORDER BY priority DESC, run_at, id
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            ))
+            RETURNING id, name, input, attempts, max_attempts, priority, run_at
+            """
+        )
         self._has_runnable = (
             sa.select(t.c.id)
             .where(t.c.status == PENDING)
@@ -790,7 +815,7 @@ class TaskStore:
                 return []
             now = self.clock()
             rows = conn.execute(
-                self._claim,
+                self._claim_pg if self.is_postgres else self._claim,
                 {
                     "now": now,
                     "names": names,
@@ -817,7 +842,8 @@ class TaskStore:
             # Look before taking the write lock: an idle SQLite worker is woken by every
             # commit anyone makes, and most of those are not new tasks.
             return []
-        return list(self._run(claim))
+        # PostgreSQL: a claim with nothing to record is one statement: no BEGIN/COMMIT.
+        return list(self._run(claim, autocommit=self.is_postgres and not finished))
 
     def has_runnable(self, names: Iterable[str]) -> bool:
         """Whether a pending task of one of ``names`` is due now (a read, no lock)."""
