@@ -391,7 +391,6 @@ class TaskStore:
         log.warning("lilota is certified on SQLite and PostgreSQL; %s may work", self.dialect)
         return sa.create_engine(self.url, pool_pre_ping=True)
 
-
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
@@ -811,6 +810,7 @@ class TaskStore:
         def claim(conn: Connection) -> list[Claim]:
             if finished:
                 self._finish_rows(conn, finished)
+                self._cancel_requested_retries(conn, finished)
             if limit <= 0 or not names:
                 return []
             now = self.clock()
@@ -923,11 +923,34 @@ class TaskStore:
             )
         return written
 
+    def _cancel_requested_retries(self, conn: Connection, outcomes: Sequence[Outcome]) -> None:
+        """A task someone asked to cancel while it ran is not tried again: an attempt that
+        ended in a retry (it raised, or its worker was lost) ends it cancelled instead.
+        Cheap: it only runs when there are retries, and only looks at their rows."""
+        retried = sorted({o.id for o in outcomes if o.status == PENDING})
+        if not retried:
+            return
+        t = task_table
+        for start in range(0, len(retried), 500):
+            conn.execute(
+                t.update()
+                .where(t.c.id.in_(retried[start : start + 500]))
+                .where(t.c.status == PENDING)
+                .where(t.c.cancel_requested == sa.true())
+                .values(status=CANCELLED, end_date_time=self.clock())
+            )
+
     def finish(self, outcomes: Sequence[Outcome]) -> int:
         """Record the end of attempts (fenced by attempt). Returns how many were recorded."""
         if not outcomes:
             return 0
-        return int(self._run(lambda conn: self._finish_rows(conn, outcomes)))
+
+        def finish(conn: Connection) -> int:
+            written = self._finish_rows(conn, outcomes)
+            self._cancel_requested_retries(conn, outcomes)
+            return written
+
+        return int(self._run(finish))
 
     def set_progress(self, task_id: int, attempt: int, percentage: int) -> bool:
         """Record progress of a running attempt. False if the attempt no longer holds it."""
@@ -953,14 +976,26 @@ class TaskStore:
         params = [{"b_id": c.id, "b_attempt": c.attempt, "b_max": n} for c, n in claims]
         self._run(lambda conn: conn.execute(stmt, params))
 
-    def renew_leases(self, worker_id: str, lease: timedelta) -> LeaseReport:
-        """Extend the lease of every task ``worker_id`` holds, and beat its heartbeat."""
+    def renew_leases(
+        self, worker_id: str, lease: timedelta, *, task_ids: Iterable[int] | None = None
+    ) -> LeaseReport:
+        """Extend the lease of every task ``worker_id`` holds, and beat its heartbeat.
+
+        With ``task_ids``, only those tasks' leases (a worker passes the tasks it knows it
+        holds: a claim whose commit succeeded but whose answer was lost in a dropped
+        connection must expire and be recovered, not be renewed for ever).
+        """
+        ids = None if task_ids is None else sorted({int(i) for i in task_ids})
 
         def renew(conn: Connection) -> LeaseReport:
             now = self.clock()
-            rows = conn.execute(
-                self._renew, {"b_worker_id": worker_id, "b_lease_until": now + lease}
-            ).all()
+            params = {"b_worker_id": worker_id, "b_lease_until": now + lease}
+            if ids is None:
+                rows = conn.execute(self._renew, params).all()
+            elif ids:
+                rows = conn.execute(self._renew.where(task_table.c.id.in_(ids)), params).all()
+            else:
+                rows = []
             conn.execute(
                 worker_table.update().where(worker_table.c.id == worker_id).values(heartbeat_at=now)
             )
@@ -991,16 +1026,28 @@ class TaskStore:
         """Take back running tasks whose lease expired (their worker is gone).
 
         Each goes back to pending if it has attempts left, else to failed with a
-        ``WorkerLost`` exception. Safe to call from many processes at once: each row is
-        changed by exactly one of them. Returns (task id, new status) pairs.
+        ``WorkerLost`` exception; one whose cancellation was requested ends cancelled.
+        Safe to call from many processes at once: each row is changed by exactly one of
+        them. Returns (task id, new status) pairs.
         """
         t = task_table
+        if self.is_sqlite:
+            # Workers call this every few seconds: look before taking SQLite's write lock.
+            expired = sa.select(t.c.id).where(t.c.status == RUNNING)
+            expired = expired.where(t.c.lease_expires_at < self.clock()).limit(1)
+            if self._run(lambda conn: conn.execute(expired).first(), read_only=True) is None:
+                return []
 
         def recover(conn: Connection) -> list[tuple[int, str]]:
             now = self.clock()
             query = (
                 sa.select(
-                    t.c.id, t.c.attempts, t.c.max_attempts, t.c.worker_id, t.c.lease_expires_at
+                    t.c.id,
+                    t.c.attempts,
+                    t.c.max_attempts,
+                    t.c.worker_id,
+                    t.c.lease_expires_at,
+                    t.c.cancel_requested,
                 )
                 .where(t.c.status == RUNNING)
                 .where(t.c.lease_expires_at < now)
@@ -1024,11 +1071,16 @@ class TaskStore:
                     "traceback": "",
                 }
                 retry = r.attempts < r.max_attempts
+                status = PENDING if retry else FAILED
+                if r.cancel_requested:
+                    status, retry = CANCELLED, False
+                    error["type"] = "lilota.errors.TaskCancelled"
+                    error["message"] = f"task {r.id} was cancelled; {error['message']}"
                 outcomes.append(
                     Outcome(
                         id=r.id,
                         attempt=r.attempts,
-                        status=PENDING if retry else FAILED,
+                        status=status,
                         exception=json.dumps(error),
                         run_at=now if retry else None,
                     )
