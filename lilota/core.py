@@ -26,7 +26,7 @@ from lilota.supervisor import (
     Supervisor,
     is_worker_process,
 )
-from lilota.worker import ENV_LEASE_SECONDS, LilotaWorker
+from lilota.worker import ENV_CANCEL_GRACE_SECONDS, ENV_LEASE_SECONDS, LilotaWorker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Lilota:
         set_progress_manually: bool = False,
         *,
         lease: timedelta | None = None,
+        cancel_grace: timedelta | None = None,
         startup_timeout: float = 60.0,
         registry: Registry | None = None,
     ) -> None:
@@ -81,7 +82,17 @@ class Lilota:
             )
         self.number_of_workers = number_of_workers
         self.set_progress_manually = bool(set_progress_manually)
+        # Worker settings (None: the default of lilota.worker.WorkerSettings): how long a
+        # task's claim lasts without renewal (30 s), and how long a running task gets to
+        # stop by itself after cancel() before its process is replaced (10 s).
+        if lease is not None and (not isinstance(lease, timedelta) or lease <= timedelta(0)):
+            raise ConfigurationError(f"lease must be a positive timedelta, got {lease!r}")
+        if cancel_grace is not None and (
+            not isinstance(cancel_grace, timedelta) or cancel_grace < timedelta(0)
+        ):
+            raise ConfigurationError(f"cancel_grace must be a timedelta >= 0, got {cancel_grace!r}")
         self.lease = lease
+        self.cancel_grace = cancel_grace
         self.startup_timeout = startup_timeout
         # Tasks can be shared with another instance (its registry), e.g. one per database.
         self.registry = registry if registry is not None else Registry()
@@ -105,9 +116,12 @@ class Lilota:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register a task function under ``name`` for this instance's workers.
 
-        Options: ``max_attempts`` (default 1: a task that raises is not retried),
-        ``retry_delay`` (default 1 s, doubled per attempt), ``timeout`` (a timedelta or
-        seconds; default none), ``schedule`` (``every(...)``/``crontab(...)``).
+        Options: ``max_attempts`` (default 3: starts in all, whatever ended the earlier
+        ones, an exception, a timeout or a lost worker; 1 for a task that must not run
+        again), ``retry_delay`` (default 1 s before the first retry, doubled for each
+        next one, less up to 25 % jitter, at most 1 h), ``timeout`` (a timedelta or
+        seconds; default none: the process running a task past it is replaced),
+        ``schedule`` (``every(...)``/``crontab(...)``).
         Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before.
         """
         return self.registry.register(  # type: ignore[no-any-return]
@@ -166,6 +180,8 @@ class Lilota:
         env: dict[str, str] = {}
         if self.lease is not None:
             env[ENV_LEASE_SECONDS] = str(self.lease.total_seconds())
+        if self.cancel_grace is not None:
+            env[ENV_CANCEL_GRACE_SECONDS] = str(self.cancel_grace.total_seconds())
         if self.script_path is not None:
             env[ENV_SCRIPT] = self.script_path
             return list(BOOT_SCRIPT_ARGV), env
@@ -462,9 +478,11 @@ class Lilota:
 
     def cancel(self, task_id: int) -> TaskStatus:
         """Cancel a task. A pending one becomes cancelled at once and never runs (returns
-        ``CANCELLED``); a running one is asked to stop (returns ``RUNNING``): its
-        ``TaskProgress.cancelled`` turns true, and if it has not ended within the
-        worker's grace period (10 s) its process is replaced and it ends cancelled.
+        ``CANCELLED``); a running one is asked to stop (returns ``RUNNING``): within a
+        heartbeat (1 s) its ``TaskProgress.cancelled`` and ``TaskContext.cancelled`` turn
+        true, and however it then ends (early, raising, or finishing anyway) it ends
+        cancelled and is not retried. If it has not ended within the grace period
+        (``cancel_grace``, default 10 s) its process is replaced and it ends cancelled.
 
         Raises :class:`~lilota.errors.TaskNotFound`, and
         :class:`~lilota.errors.TaskAlreadyFinished` for a completed, failed or cancelled task.

@@ -24,6 +24,16 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,200}$")
 # hammered while still retrying within a working day.
 MAX_RETRY_DELAY = timedelta(hours=1)
 
+# Attempts a task gets unless registered otherwise: 3 in all. A task must survive the loss
+# of its worker (a deploy that kills processes, the OOM killer, a lost machine) without
+# anyone noticing, and a worker that dies also loses the attempt of the few tasks it had
+# claimed but not started; one attempt would turn each of those into a failure. Three
+# also rides out a short outage of a service the task calls (retries after about 1 s and
+# 2 s), while a task that fails for good still ends failed within seconds. A task that must
+# never run again once it has started (not idempotent, see the README's "Guarantees") is
+# registered with max_attempts=1.
+DEFAULT_MAX_ATTEMPTS = 3
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
@@ -34,7 +44,7 @@ class RetryPolicy:
     one hour, with up to 25 % random jitter so that many failing tasks do not retry in step.
     """
 
-    max_attempts: int = 1
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     retry_delay: timedelta = timedelta(seconds=1)
 
     def delay_after(self, attempt: int, rand: Callable[[], float] = random.random) -> timedelta:
@@ -167,7 +177,7 @@ class Registry:
         input_model: type | None = None,
         output_model: type | None = None,
         task_progress: type | None = None,
-        max_attempts: int = 1,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_delay: timedelta | float = timedelta(seconds=1),
         timeout: timedelta | float | None = None,
         schedule: Any = None,

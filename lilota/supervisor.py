@@ -7,11 +7,11 @@ the supervisor holds; when the supervisor's process dies for any reason the life
 reads end-of-file and the worker gives its tasks back and exits. No orphans.
 
 Policy for a dead worker (one rule, written down): a worker that exits on its own is
-started again. Exits for a task timeout or a forced cancellation are expected and
-restarted at once; any other exit counts as a crash and waits 0.5 s, 1 s, 2 s ... up to
-30 s before the next start, the count resetting once a worker has lived 30 s. At
-``start()``, a worker slot that crashes three times before it is ready makes ``start()``
-raise :class:`~lilota.errors.WorkerStartupError` with the end of its output.
+started again. Exits for a task timeout, a forced cancellation or a lost lease are
+expected and restarted at once; any other exit counts as a crash and waits 0.5 s, 1 s,
+2 s ... up to 30 s before the next start, the count resetting once a worker has lived
+30 s. At ``start()``, a worker slot that crashes three times before it is ready makes
+``start()`` raise :class:`~lilota.errors.WorkerStartupError` with the end of its output.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ class Supervisor:
         if slot.restart_at is None:
             code = process.returncode
             lived = now - slot.started_at
-            if code in (WorkerExit.TASK_TIMEOUT, WorkerExit.CANCEL_FORCED):
+            if code in (WorkerExit.TASK_TIMEOUT, WorkerExit.CANCEL_FORCED, WorkerExit.LEASE_LOST):
                 log.info(
                     "worker pid %d replaced after %s", process.pid, WorkerExit(code).name.lower()
                 )

@@ -33,6 +33,7 @@ from lilota import serialization
 from lilota.errors import (
     ConfigurationError,
     DatabaseError,
+    InvalidInput,
     LilotaError,
     SerializationError,
     TaskCancelled,
@@ -53,12 +54,14 @@ class WorkerExit(enum.IntEnum):
     TASK_TIMEOUT = 79  # a task overran its timeout: replace the process at once
     CANCEL_FORCED = 80  # a running task ignored its cancellation: replace at once
     PARENT_DIED = 81  # the process that started the worker is gone
+    LEASE_LOST = 82  # another worker took over the running task (this one had stalled)
 
 
 # Environment of a worker process started by a supervisor.
 ENV_CONTROL_FD = "LILOTA_CONTROL_FD"  # write end of a pipe: one JSON line "ready"
 ENV_LIFELINE_FD = "LILOTA_LIFELINE_FD"  # read end of a pipe the parent never writes to
 ENV_LEASE_SECONDS = "LILOTA_LEASE_SECONDS"
+ENV_CANCEL_GRACE_SECONDS = "LILOTA_CANCEL_GRACE_SECONDS"
 
 # A task batch is flushed (outcomes recorded) once this much time passed since it began,
 # so a slow task in a batch of fast ones never hides the others' results. 50 ms is far
@@ -72,14 +75,21 @@ FLUSH_AFTER = 0.05
 BATCH_TARGET_SECONDS = 0.02
 MAX_BATCH = 100
 
+# After a failed lease renewal the keeper tries again this soon (instead of a heartbeat or
+# lease/3 later): when the database is back, the leases that ran out meanwhile are renewed
+# before another worker may take them.
+RENEW_RETRY = 0.5
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     """Tuning of a worker. The defaults suit tasks from milliseconds to hours."""
 
     # How long a claim lasts without renewal. A worker that dies keeps its tasks this long
-    # at most. Shorter recovers faster but a stalled (swapping, paused) machine loses tasks
-    # it is still running; 30 s survives long GC pauses and slow disks.
+    # at most; live workers look for expired leases every max(heartbeat, lease/6), so its
+    # tasks are pending again within 1.2 leases (35 s). Shorter recovers faster but a
+    # stalled (swapping, paused) machine loses tasks it is still running; 30 s survives
+    # long GC pauses and slow disks.
     lease: timedelta = timedelta(seconds=30)
     # How often leases are renewed (and cancellation requests noticed) while tasks run.
     # Must stay well under ``lease``: a third of it leaves two chances before expiry.
@@ -87,7 +97,9 @@ class WorkerSettings:
     # Longest idle wait between two looks for work when no wake-up arrives: only a
     # safety net for lost notifications, never the normal path.
     idle_poll: float = 5.0
-    # Time a running task gets to end by itself after cancellation is requested.
+    # Time a running task gets to end by itself after cancellation is requested (it is
+    # told within a heartbeat), before its process is replaced. 10 s lets a task finish
+    # the step it is in; LILOTA_CANCEL_GRACE_SECONDS or Lilota(cancel_grace=) change it.
     cancel_grace: timedelta = timedelta(seconds=10)
 
     def __post_init__(self) -> None:
@@ -97,6 +109,8 @@ class WorkerSettings:
             raise ConfigurationError(
                 f"heartbeat ({self.heartbeat}) must be at most half the lease ({self.lease})"
             )
+        if self.cancel_grace < timedelta(0):
+            raise ConfigurationError(f"cancel_grace must be >= 0, got {self.cancel_grace}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
@@ -107,7 +121,13 @@ class WorkerSettings:
             seconds = float(lease)
             values["lease"] = timedelta(seconds=seconds)
             values["heartbeat"] = timedelta(seconds=min(1.0, seconds / 3))
+        grace = os.environ.get(ENV_CANCEL_GRACE_SECONDS)
+        if grace:
+            values["cancel_grace"] = timedelta(seconds=float(grace))
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("lease") is not None and overrides.get("heartbeat") is None:
+            seconds = values["lease"].total_seconds()
+            values["heartbeat"] = timedelta(seconds=min(1.0, seconds / 3))
         return cls(**values)
 
 
@@ -134,7 +154,10 @@ def failure_outcome(
 ) -> Outcome:
     """The outcome of an attempt that raised: a retry if attempts are left, else failed."""
     max_attempts = max(claim.max_attempts, definition.retry.max_attempts if definition else 1)
-    retriable = isinstance(error, Exception) and not isinstance(error, SerializationError)
+    # An input that cannot be read or does not fit the model fails the same way each time.
+    retriable = isinstance(error, Exception) and not isinstance(
+        error, (SerializationError, InvalidInput)
+    )
     if definition is not None and retriable and claim.attempt < max_attempts:
         delay = definition.retry.delay_after(claim.attempt)
         return Outcome(
@@ -148,6 +171,26 @@ def failure_outcome(
         id=claim.id,
         attempt=claim.attempt,
         status=TaskStatus.FAILED.value,
+        exception=_error_json(error),
+    )
+
+
+def cancelled_outcome(outcome: Outcome) -> Outcome:
+    """The outcome of an attempt that was told to stop: cancelled, whether the task then
+    ended early, raised, or finished its work anyway (its return value is kept), and never
+    retried: whoever cancelled it does not want it run again."""
+    if outcome.status == TaskStatus.CANCELLED.value:
+        return outcome
+    how = "returned" if outcome.status == TaskStatus.COMPLETED.value else "raised"
+    if outcome.exception is not None:
+        raised = json.loads(outcome.exception)
+        how = f"raised {raised.get('type')}: {raised.get('message')}"
+    error = TaskCancelled(f"task {outcome.id} was cancelled while it ran; it then {how}")
+    return Outcome(
+        id=outcome.id,
+        attempt=outcome.attempt,
+        status=TaskStatus.CANCELLED.value,
+        output=outcome.output,
         exception=_error_json(error),
     )
 
@@ -224,6 +267,7 @@ class WorkerLoop:
         self._cancel_requested: set[int] = set()
         self._avg_duration = 1.0  # seconds; starts pessimistic: claim one at a time
         self._listener: Any = None
+        self._recover_after = 0.0  # monotonic time: no recovery before (see _database_trouble)
 
     # --------------------------------------------------------------------- control
 
@@ -335,14 +379,18 @@ class WorkerLoop:
                 self._unrecorded.append(outcome)
                 flush = bool(self._queue) and time.monotonic() - batch_started > FLUSH_AFTER
             if flush:
-                self._flush()
+                with contextlib.suppress(DatabaseError):  # kept; the next claim records them
+                    self._flush()
                 batch_started = time.monotonic()
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
         if left:  # stopping: give back what was claimed but not started
-            self._flush()
-            self.store.release(left, refund=True)
+            try:
+                self._flush()
+                self.store.release(left, refund=True)
+            except DatabaseError as e:  # their leases expire; the outcomes are kept
+                log.warning("could not give back %d claimed tasks: %s", len(left), e)
 
     def _not_run(self, claim: Claim, definition: TaskDefinition | None) -> Outcome:
         if definition is None:  # cannot happen: claims are filtered by name
@@ -371,6 +419,8 @@ class WorkerLoop:
         outcome = run_task(
             definition, claim, progress=progress, context=context, clock=self.store.clock
         )
+        if running.cancel_event.is_set():
+            outcome = cancelled_outcome(outcome)
         duration = time.monotonic() - running.started
         self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
         with self._lock:
@@ -390,7 +440,12 @@ class WorkerLoop:
         )
 
     def _write_progress(self, claim: Claim, percentage: int) -> None:
-        if not self.store.set_progress(claim.id, claim.attempt, percentage):
+        try:
+            recorded = self.store.set_progress(claim.id, claim.attempt, percentage)
+        except DatabaseError as e:  # progress is for people watching: never fail the task
+            log.warning("task %d: progress %d%% not recorded: %s", claim.id, percentage, e)
+            return
+        if not recorded:
             log.warning(
                 "task %d: progress %d%% not recorded: this attempt no longer holds it",
                 claim.id,
@@ -428,32 +483,66 @@ class WorkerLoop:
     def _keep_leases(self) -> None:
         """Renew leases, notice cancellations and dead workers, enforce timeouts."""
         tick = 0.1
+        lease = self.settings.lease.total_seconds()
+        heartbeat = self.settings.heartbeat.total_seconds()
+        # Looking for expired leases is one indexed read (a write only when there are
+        # some): every lease/6 keeps recovery within 1.2 leases of a worker's death.
+        recover_every = max(heartbeat, lease / 6)
         next_renew = 0.0
-        next_recover = time.monotonic() + self.settings.lease.total_seconds() / 2
+        next_recover = time.monotonic() + recover_every
         while not self._keeper_stop.wait(tick):
             now = time.monotonic()
             with self._lock:
-                busy = self._running is not None or bool(self._queue)
+                busy = self._running is not None or bool(self._queue) or bool(self._unrecorded)
             if now >= next_renew:
-                interval = self.settings.heartbeat.total_seconds()
-                if not busy:
-                    interval = max(interval, self.settings.lease.total_seconds() / 3)
-                next_renew = now + interval
-                self._renew()
+                interval = heartbeat if busy else max(heartbeat, lease / 3)
+                if not self._renew():
+                    # Leases run out while the database is away: try again soon.
+                    interval = min(interval, RENEW_RETRY)
+                next_renew = time.monotonic() + interval
             if now >= next_recover:
-                next_recover = now + self.settings.lease.total_seconds() / 2
-                try:
-                    self.store.recover_expired()
-                except DatabaseError as e:
-                    log.warning("could not look for lost tasks: %s", e)
+                next_recover = now + recover_every
+                self._recover()
             self._enforce_limits()
 
-    def _renew(self) -> None:
+    def _database_trouble(self) -> None:
+        # While this process could not reach the database, neither could the others
+        # (probably): every lease may have run out without its holder being at fault.
+        # Give the holders one lease to renew before taking their tasks away, so that a
+        # task that finished during an outage is recorded by its worker, not run again.
+        self._recover_after = time.monotonic() + self.settings.lease.total_seconds()
+
+    def _recover(self) -> None:
+        if time.monotonic() < self._recover_after:
+            return
         try:
-            report = self.store.renew_leases(self.worker_id, self.settings.lease)
+            self.store.recover_expired()
+        except DatabaseError as e:
+            log.warning("could not look for lost tasks: %s", e)
+            self._database_trouble()
+
+    def _held_ids(self) -> set[int] | None:
+        """Ids of the tasks this process holds: running, claimed, or ended but not yet
+        recorded (None if that cannot be known: then every lease of the worker is renewed)."""
+        with self._lock:
+            held = {c.id for c in self._queue} | {o.id for o in self._unrecorded}
+            if self._running is not None:
+                held.add(self._running.claim.id)
+        return held
+
+    def _renew(self) -> bool:
+        """Renew the leases; False if the database could not be reached."""
+        with self._lock:
+            running = self._running
+        held = self._held_ids()
+        try:
+            report = self.store.renew_leases(self.worker_id, self.settings.lease, task_ids=held)
         except DatabaseError as e:
             log.warning("could not renew leases: %s", e)
-            return
+            self._database_trouble()
+            return False
+        if held is not None:
+            self._check_still_held(running, held - report.held)
         if report.cancel_requested:
             with self._lock:
                 self._cancel_requested |= report.cancel_requested
@@ -466,6 +555,7 @@ class WorkerLoop:
                 log.info("task %d: cancellation requested", running.claim.id)
                 running.cancel_event.set()
                 running.cancel_seen_at = time.monotonic()
+        return True
 
     def _enforce_limits(self) -> None:
         with self._lock:
@@ -481,7 +571,8 @@ class WorkerLoop:
             )
             log.error("%s; replacing the worker process", error)
             outcome = failure_outcome(running.claim, running.definition, error, self.store.clock())
-            self._end_process(outcome, WorkerExit.TASK_TIMEOUT)
+            self._end_running(running, outcome, WorkerExit.TASK_TIMEOUT)
+            return
         grace = self.settings.cancel_grace.total_seconds()
         if running.cancel_seen_at is not None and now - running.cancel_seen_at > grace:
             cancelled = TaskCancelled(
@@ -494,7 +585,41 @@ class WorkerLoop:
                 status=TaskStatus.CANCELLED.value,
                 exception=_error_json(cancelled),
             )
-            self._end_process(outcome, WorkerExit.CANCEL_FORCED)
+            self._end_running(running, outcome, WorkerExit.CANCEL_FORCED)
+
+    def _check_still_held(self, running: _Running | None, not_renewed: set[int]) -> None:
+        """A task this process runs whose lease another worker took over (this process
+        stalled, or could not reach the database, for longer than the lease) now runs
+        there too: end this process, so that no task runs twice at once for long.
+
+        ``not_renewed``: tasks this process held before the renewal that it no longer
+        holds. Those that ended meanwhile were recorded (or will be refused, fenced)."""
+        if not not_renewed:
+            return
+        with self._lock:
+            sync_lost = running is not None and self._running is running
+            sync_lost = sync_lost and running is not None and running.claim.id in not_renewed
+        if not sync_lost:
+            return
+        log.error(
+            "lost the lease of task(s) %s: another worker took them over; replacing this "
+            "process so that they do not run twice at once",
+            ", ".join(str(i) for i in sorted(not_renewed)),
+        )
+        if running is not None and sync_lost:
+            self._end_running(running, None, WorkerExit.LEASE_LOST)
+        else:
+            self.abandon(WorkerExit.LEASE_LOST)
+
+    def _end_running(self, running: _Running, outcome: Outcome | None, code: WorkerExit) -> None:
+        """End the process for the task the main thread runs, unless it ended meanwhile."""
+        with self._lock:
+            if self._running is not running:
+                return  # it ended by itself (and its outcome is recorded or queued)
+            self._running = None
+            if outcome is not None:
+                self._unrecorded.append(outcome)
+        self.abandon(code)
 
     def _end_process(self, outcome: Outcome, code: WorkerExit) -> None:
         with self._lock:
@@ -529,12 +654,14 @@ class LilotaWorker:
         lease: timedelta | None = None,
         registry: Registry | None = None,
         store: TaskStore | None = None,
+        cancel_grace: timedelta | None = None,
     ) -> None:
         self.db_url = db_url
         self.set_progress_manually = set_progress_manually
         self.registry = registry if registry is not None else Registry()
         self._store = store
         self._lease = lease
+        self._cancel_grace = cancel_grace
         parse_url(db_url)  # a malformed URL is an error here, not in the worker loop
         self._loop: WorkerLoop | None = None
         self._signals = 0
@@ -559,7 +686,7 @@ class LilotaWorker:
         lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
         supervised = control_fd is not None
         try:
-            settings = WorkerSettings.from_env(lease=self._lease)
+            settings = WorkerSettings.from_env(lease=self._lease, cancel_grace=self._cancel_grace)
             store = self.store
             store.ensure_schema()
             loop = WorkerLoop(store, self.registry, settings)
