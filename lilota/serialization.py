@@ -17,6 +17,10 @@ Python value                      stored as
 ``None`` (the whole value)        SQL NULL (``dumps`` returns ``None``)
 ``None``, ``bool``, ``str``       JSON natives; any unicode, including ``"\\x00"`` and lone
                                   surrogates: the text is pure ASCII (``\\uXXXX`` escapes)
+``str`` with a surrogate pair     ``{"__lilota__": "str", "v": [pieces]}``, cut between the
+as two code points                halves: JSON cannot tell ``"\\ud83d\\ude00"`` (two code
+                                  points) from ``"\\U0001f600"`` (one); a dict with such a key
+                                  is stored as ``{"__lilota__": "dict", "v": [[key, value]]}``
 ``int``                           JSON number; ints wider than 2000 bits as
                                   ``{"__lilota__": "int", "v": "<hex>"}``
 finite ``float``                  JSON number (exact: ``repr`` round trips)
@@ -78,6 +82,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -106,6 +111,9 @@ _ENCODER = json.JSONEncoder(
     ensure_ascii=True, allow_nan=False, check_circular=False, separators=(",", ":")
 )
 _CACHE_LIMIT = 4096
+# A high surrogate followed by a low one: written as JSON they would be read back as the
+# one character the pair encodes, so strings holding one are stored tagged (see _str_tag).
+_PAIR = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
 
 _Conv = Callable[[Any], Any]
 
@@ -396,6 +404,18 @@ def _make_shape(hint: Any) -> _Shape | None:
 # --------------------------------------------------------------------------- encoding
 
 
+def _str_tag(value: str) -> dict[str, Any]:
+    """A string holding surrogate pairs as two code points, cut between each pair's halves
+    (no piece holds a pair, so each comes back from JSON as it was)."""
+    pieces = []
+    start = 0
+    for match in _PAIR.finditer(value):
+        pieces.append(value[start : match.start() + 1])
+        start = match.start() + 1
+    pieces.append(value[start:])
+    return {TAG: "str", "v": pieces}
+
+
 def _float_tag(value: float) -> dict[str, Any]:
     text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return {TAG: "float", "v": text}
@@ -417,7 +437,9 @@ def _hashable_encoded(enc: Any) -> bool:
 def _enc(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
     """Encode one value. ``hint`` is the declared type here (None: untyped)."""
     t = type(v)
-    if t is str or t is bool or v is None:
+    if t is str:
+        return v if v.isascii() or _PAIR.search(v) is None else _str_tag(v)
+    if t is bool or v is None:
         return v
     if t is int:
         return v if v.bit_length() <= _BIG_INT_BITS else {TAG: "int", "v": hex(v)}
@@ -437,7 +459,7 @@ def _enc(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
 def _is_plain(x: Any) -> bool:
     t = type(x)
     return (
-        t is str
+        (t is str and (x.isascii() or _PAIR.search(x) is None))
         or t is bool
         or x is None
         or (t is int and x.bit_length() <= _BIG_INT_BITS)
@@ -448,6 +470,7 @@ def _is_plain(x: Any) -> bool:
 def _enc_dict(d: Any, depth: int, hint: Any, pyd: bool, attrs: bool) -> dict[str, Any]:
     shape = _shape(hint) if hint is not None else None
     out: dict[str, Any] = {}
+    paired = False
     for k, x in d.items():
         if type(k) is not str:
             if not isinstance(k, str):
@@ -456,6 +479,8 @@ def _enc_dict(d: Any, depth: int, hint: Any, pyd: bool, attrs: bool) -> dict[str
                     "JSON: convert the keys with str(), or store a list of (key, value) pairs"
                 )
             k = str.__str__(k)
+        if not paired and not k.isascii():
+            paired = _PAIR.search(k) is not None
         if _is_plain(x):
             out[k] = x
             continue
@@ -463,6 +488,8 @@ def _enc_dict(d: Any, depth: int, hint: Any, pyd: bool, attrs: bool) -> dict[str
             out[k] = _enc(x, depth + 1, shape.key(k) if shape is not None else None, pyd)
         except _Bad as e:
             raise e.at(_attr_seg(k) if attrs else f"[{k!r}]", d) from e.__cause__
+    if paired:  # a key holding a surrogate pair: [key, value] pairs, keys encoded (_PAIR)
+        return {TAG: "dict", "v": [[_enc(k, 0, None, False), x] for k, x in out.items()]}
     if TAG in out:
         return {TAG: "dict", "v": out}
     return out
@@ -506,7 +533,7 @@ def _enc_other(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
     if isinstance(v, Enum):
         return _enc_enum(v, depth, hint, pyd)
     if isinstance(v, str):
-        return str.__str__(v)
+        return _enc(str.__str__(v), depth, hint, pyd)
     if isinstance(v, int):
         return _enc(int.__int__(v), depth, hint, pyd)
     if isinstance(v, float):
@@ -747,6 +774,22 @@ def _fix_offset(value: _T, text: str) -> _T:
     return value.replace(tzinfo=timezone(sign * offset))
 
 
+def _dec_pairs(pairs: list[Any]) -> dict[str, Any]:
+    """A dict stored as [key, value] pairs (its keys hold surrogate pairs)."""
+    d: dict[str, Any] = {}
+    for pair in pairs:
+        if type(pair) is not list or len(pair) != 2:
+            raise ValueError("expected [key, value] pairs")
+        k = _dec(pair[0])
+        if type(k) is not str:
+            raise ValueError(f"expected a str key, got {_describe(k)}")
+        try:
+            d[k] = _dec(pair[1])
+        except _Bad as e:
+            raise e.at(f"[{k!r}]") from e.__cause__
+    return d
+
+
 def _dec_tag(x: dict[str, Any]) -> Any:
     tag = x[TAG]
     if len(x) != 2 or "v" not in x:
@@ -754,6 +797,8 @@ def _dec_tag(x: dict[str, Any]) -> Any:
     v = x["v"]
     try:
         if tag == "dict":
+            if type(v) is list:
+                return _dec_pairs(v)
             d = _payload(v, dict, tag)
             for k, y in d.items():
                 try:
@@ -790,6 +835,11 @@ def _dec_tag(x: dict[str, Any]) -> Any:
             return float(text)
         if tag == "int":
             return int(_payload(v, str, tag), 16)
+        if tag == "str":
+            pieces = _payload(v, list, tag)
+            if any(type(p) is not str for p in pieces):
+                raise ValueError("expected a list of strings")
+            return "".join(pieces)
     except (ValueError, TypeError, OverflowError, binascii.Error, InvalidOperation) as exc:
         raise _Bad(f"cannot decode the {tag!r} value {_short(v)}: {exc}") from exc
     raise _Bad(

@@ -206,6 +206,32 @@ class NewTask:
     unique_key: str | None = None
     schedule_key: str | None = None
 
+    def __post_init__(self) -> None:
+        # Before anything is written, so that schedule() refuses these alike on every
+        # backend: PostgreSQL refuses NUL in text columns (SQLite stores it), and no
+        # driver can encode a lone surrogate (a raw UnicodeEncodeError otherwise).
+        for field in ("name", "input", "description", "unique_key", "schedule_key"):
+            _check_text(field, getattr(self, field))
+
+
+def _check_text(field: str, value: object) -> None:
+    """Raise ValueError naming ``field`` if ``value`` cannot be stored in a text column."""
+    if not isinstance(value, str) or (value.isascii() and "\x00" not in value):
+        return
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{field} contains a NUL character ('\\x00') at index {nul}: PostgreSQL cannot "
+            "store it in a text column, so lilota refuses it on every database"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} contains the lone surrogate {value[e.start]!r} at index {e.start}: "
+            "it is not valid Unicode text and no database can store it"
+        ) from None
+
 
 @dataclass(frozen=True, kw_only=True)
 class Claim:
@@ -656,6 +682,14 @@ class TaskStore:
             .where(t.c.id == sa.bindparam("b_id"))
             .where(t.c.attempts == sa.bindparam("b_attempt"))
             .where(t.c.status == RUNNING)
+            # A started attempt that is given back counts, as if its worker was lost:
+            # with none left, or a cancellation asked for, _end_interrupted ends it.
+            .where(
+                sa.or_(
+                    sa.bindparam("b_refund") == 1,
+                    sa.and_(t.c.attempts < t.c.max_attempts, t.c.cancel_requested == sa.false()),
+                )
+            )
             .values(
                 status=PENDING,
                 attempts=t.c.attempts - sa.bindparam("b_refund"),
@@ -1008,7 +1042,10 @@ class TaskStore:
 
     def release(self, claims: Sequence[Claim], *, refund: bool) -> int:
         """Give claimed tasks back (pending again). ``refund`` undoes the attempt count,
-        for tasks that never started."""
+        for tasks that never started. Without it the attempt counts, as when a worker is
+        lost: a task with no attempt left ends failed, one whose cancellation was requested
+        ends cancelled (as :meth:`recover_expired` would end them). Returns how many of
+        ``claims`` still held their task."""
         if not claims:
             return 0
         params = [
@@ -1017,10 +1054,40 @@ class TaskStore:
 
         def release(conn: Connection) -> int:
             count = conn.execute(self._release, params).rowcount
+            if not refund:
+                count += self._end_interrupted(conn, claims)
             self._notify(conn)
             return int(count)
 
         return int(self._run(release))
+
+    def _end_interrupted(self, conn: Connection, claims: Sequence[Claim]) -> int:
+        """End the claims the release left running: those with no attempt left or a
+        cancellation requested."""
+        t = task_table
+        held = {(c.id, c.attempt) for c in claims}
+        rows = conn.execute(
+            sa.select(t.c.id, t.c.attempts, t.c.max_attempts, t.c.worker_id, t.c.cancel_requested)
+            .where(t.c.id.in_(sorted({c.id for c in claims})))
+            .where(t.c.status == RUNNING)
+        ).all()
+        outcomes = []
+        for r in rows:
+            if (r.id, r.attempts) not in held:
+                continue
+            stopped = f"worker {r.worker_id} stopped during attempt {r.attempts}"
+            if r.cancel_requested:
+                status, kind = CANCELLED, "TaskCancelled"
+                message = f"task {r.id} was cancelled; {stopped}"
+            else:
+                status, kind = FAILED, "WorkerLost"
+                message = f"{stopped}, the last of {r.max_attempts}"
+            error = {"type": f"lilota.errors.{kind}", "message": message, "traceback": ""}
+            log.warning("task %d: given back by a stopping worker; now %s", r.id, status)
+            outcomes.append(
+                Outcome(id=r.id, attempt=r.attempts, status=status, exception=json.dumps(error))
+            )
+        return self._finish_rows(conn, outcomes) if outcomes else 0
 
     def recover_expired(self) -> list[tuple[int, str]]:
         """Take back running tasks whose lease expired (their worker is gone).

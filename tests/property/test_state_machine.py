@@ -1,0 +1,455 @@
+"""The task state machine of the real TaskStore, on SQLite and PostgreSQL, against a model.
+
+A Hypothesis ``RuleBasedStateMachine`` plays several workers and a user against one
+``TaskStore``: it schedules tasks (1-3 attempts, priorities, some due later), claims them
+by one of three workers (batches of 1-3, each worker serving its own task names), sets
+progress, completes, fails (the worker's own ``failure_outcome``: a retry while attempts
+are left, else failed), acknowledges cancellation, cancels, lets leases expire (a
+``FakeClock`` moves past them) and recovers them, renews a worker's leases, releases
+claims (refunded or not), retries failed and cancelled tasks, and has workers whose
+lease was taken over write late. After every step the whole state read from the store
+must equal a small model, and these invariants must hold:
+
+* every task is in exactly one state (its status, and the per-status counts);
+* a task is held by at most one worker: a running task has exactly one ``worker_id``,
+  the model's, and a lease; no other task has either. Progress and release are accepted
+  only from the attempt that holds the task; an outcome only from the task's latest
+  attempt while the task has not ended (so a stale attempt, superseded by a newer one,
+  is always rejected; an attempt whose lease was taken back may still record how it
+  ended while no newer attempt has started);
+* completed, failed and cancelled are final, except for an explicit ``retry()``;
+* ``attempts <= max_attempts`` always (``attempts`` counts the attempts started since
+  the task was scheduled or last retried; ``retry()`` sets it back to 0);
+* no task disappears;
+* progress is within 0..100, and 100 when completed.
+
+Each test (one per backend) has its own database; the examples inside it share it, and
+each example uses its own task names and worker ids, so it sees only its own tasks.
+
+Not covered yet (a known hole, see ``retry`` below): a worker of a run from before a
+``retry()`` writing into the new run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from conftest import FakeClock
+from lilota.errors import TaskAlreadyFinished
+from lilota.registry import RetryPolicy, TaskDefinition
+from lilota.store import Claim, NewTask, Outcome, TaskStore
+from lilota.worker import failure_outcome
+
+LEASE = timedelta(seconds=30)
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "pending",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+)
+FINAL = (COMPLETED, FAILED, CANCELLED)
+# Worker i serves these of the example's task names.
+WORKER_NAMES = [("a", "b"), ("a",), ("b",)]
+# For the worker's failure_outcome: max_attempts=1 here, so the claim's own limit counts.
+DEFINITION = TaskDefinition(
+    name="any",
+    func=lambda: None,
+    retry=RetryPolicy(max_attempts=1, retry_delay=timedelta(seconds=1)),
+)
+
+# (name, max_attempts, priority, delay in seconds) of a task to schedule
+TASKS = st.tuples(
+    st.sampled_from(["a", "b"]), st.integers(1, 3), st.integers(0, 2), st.sampled_from([0, 0, 5])
+)
+
+MACHINE_SETTINGS = settings(
+    deadline=None,
+    stateful_step_count=25,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.too_slow],
+)
+
+
+@dataclass
+class ModelTask:
+    id: int
+    name: str
+    priority: int
+    max_attempts: int
+    run_at: datetime
+    status: str = PENDING
+    attempts: int = 0
+    worker: str | None = None
+    lease_until: datetime | None = None
+    progress: int = 0
+    cancel_requested: bool = False
+    generation: int = 0  # how many times retry() brought it back
+
+
+@dataclass
+class LiveClaim:
+    """A claim whose worker still thinks it holds the task (it has not written its end)."""
+
+    claim: Claim
+    worker: str
+    generation: int
+
+
+class TaskStoreMachine(RuleBasedStateMachine):
+    def __init__(self, store: TaskStore, clock: FakeClock, prefix: str) -> None:
+        super().__init__()
+        self.store = store
+        self.clock = clock
+        self.names = {short: f"{prefix}.{short}" for short in ("a", "b")}
+        self.workers = [f"{prefix}.w{i}" for i in range(len(WORKER_NAMES))]
+        self.tasks: dict[int, ModelTask] = {}
+        self.live: list[LiveClaim] = []
+
+    # ------------------------------------------------------------------ model helpers
+
+    def is_current(self, live: LiveClaim) -> bool:
+        """Whether this claim is the task's latest attempt (the only one allowed to write)."""
+        task = self.tasks[live.claim.id]
+        return live.generation == task.generation and live.claim.attempt == task.attempts
+
+    def to_pending(self, task: ModelTask, run_at: datetime) -> None:
+        task.status, task.worker, task.lease_until = PENDING, None, None
+        task.run_at = run_at
+
+    def to_final(self, task: ModelTask, status: str) -> None:
+        # Who ran a finished task stays visible: the worker is kept.
+        task.status, task.lease_until = status, None
+
+    def holds(self, live: LiveClaim) -> bool:
+        """Whether the claim's attempt is the one running the task now."""
+        return self.is_current(live) and self.tasks[live.claim.id].status == RUNNING
+
+    def pick(self, data: st.DataObject, *, holding: bool | None = None) -> LiveClaim:
+        pool = [c for c in self.live if holding is None or self.holds(c) == holding]
+        live = data.draw(st.sampled_from(pool), label="claim")
+        self.live.remove(live)
+        return live
+
+    def outcome(self, live: LiveClaim, status: str, **kwargs: Any) -> Outcome:
+        return Outcome(id=live.claim.id, attempt=live.claim.attempt, status=status, **kwargs)
+
+    def writable(self, live: LiveClaim) -> bool:
+        """Whether the store records this claim's outcome: it is the latest attempt and the
+        task is not final (a late outcome of an attempt whose lease was taken back, with
+        no newer attempt started, still counts: the attempt did run)."""
+        status = self.tasks[live.claim.id].status
+        ok = self.is_current(live) and status in (PENDING, RUNNING)
+        event(f"outcome of a {'current' if self.is_current(live) else 'stale'} claim, {status}")
+        return ok
+
+    # ------------------------------------------------------------------ rules
+
+    @initialize(tasks=st.lists(TASKS, min_size=1, max_size=4))
+    def schedule_some(self, tasks: list[tuple[str, int, int, int]]) -> None:
+        for spec in tasks:
+            self.schedule(*spec)
+
+    @rule(spec=TASKS)
+    def schedule_one(self, spec: tuple[str, int, int, int]) -> None:
+        self.schedule(*spec)
+
+    def schedule(self, name: str, max_attempts: int, priority: int, delay: int) -> None:
+        run_at = self.clock.now + timedelta(seconds=delay)
+        task_id = self.store.add(
+            NewTask(
+                name=self.names[name],
+                input=json.dumps({"n": len(self.tasks)}),
+                max_attempts=max_attempts,
+                priority=priority,
+                run_at=run_at if delay else None,
+            )
+        )
+        assert task_id not in self.tasks
+        self.tasks[task_id] = ModelTask(
+            id=task_id,
+            name=self.names[name],
+            priority=priority,
+            max_attempts=max_attempts,
+            run_at=run_at,
+        )
+
+    @rule(by=st.tuples(st.integers(0, len(WORKER_NAMES) - 1), st.integers(1, 3)))
+    def claim(self, by: tuple[int, int]) -> None:
+        """A worker claims up to ``limit`` due tasks of its names."""
+        worker, limit = by
+        worker_id = self.workers[worker]
+        names = {self.names[short] for short in WORKER_NAMES[worker]}
+        now = self.clock.now
+        due = sorted(
+            (
+                t
+                for t in self.tasks.values()
+                if t.status == PENDING and t.name in names and t.run_at <= now
+            ),
+            key=lambda t: (-t.priority, t.run_at, t.id),
+        )
+        claims = self.store.claim(worker_id=worker_id, names=names, limit=limit, lease=LEASE)
+        assert [c.id for c in claims] == [t.id for t in due[:limit]]
+        event(f"claimed {len(claims)}")
+        for c in claims:
+            task = self.tasks[c.id]
+            task.status, task.worker, task.lease_until = RUNNING, worker_id, now + LEASE
+            task.attempts += 1
+            task.progress = 0
+            assert (c.name, c.attempt, c.max_attempts) == (
+                task.name,
+                task.attempts,
+                task.max_attempts,
+            )
+            assert json.loads(c.input or "null") is not None
+            self.live.append(LiveClaim(c, worker_id, task.generation))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), percentage=st.integers(0, 100))
+    def set_progress(self, data: st.DataObject, percentage: int) -> None:
+        live = data.draw(st.sampled_from(self.live), label="claim")
+        task = self.tasks[live.claim.id]
+        expected = self.holds(live)
+        got = self.store.set_progress(live.claim.id, live.claim.attempt, percentage)
+        assert got is expected
+        if expected:
+            task.progress = percentage
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), how=st.sampled_from([COMPLETED, FAILED, CANCELLED]))
+    def finish(self, data: st.DataObject, how: str) -> None:
+        """The worker records how its attempt ended: the task returned, raised (the
+        worker's own failure_outcome: a retry while attempts are left), or saw the
+        cancellation request and stopped."""
+        live = self.pick(data)
+        task = self.tasks[live.claim.id]
+        expected = self.writable(live)
+        if how == FAILED:
+            out = failure_outcome(live.claim, DEFINITION, RuntimeError("boom"), self.clock.now)
+            retry = live.claim.attempt < live.claim.max_attempts
+            assert out.status == (PENDING if retry else FAILED)
+        else:
+            out = self.outcome(live, how, output=json.dumps({"done": live.claim.id}))
+        assert self.store.finish([out]) == int(expected)
+        if not expected:
+            return
+        if out.status == COMPLETED:
+            self.to_final(task, COMPLETED)
+            task.progress = 100
+        elif out.status != PENDING:
+            self.to_final(task, out.status)
+        elif task.cancel_requested:  # asked to cancel: not tried again
+            self.to_final(task, CANCELLED)
+        else:
+            assert out.run_at is not None and out.run_at > self.clock.now
+            self.to_pending(task, out.run_at)
+            task.progress = 0
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data(), action=st.sampled_from(["cancel", "retry"]))
+    def user(self, data: st.DataObject, action: str) -> None:
+        """Someone cancels or retries one of the tasks, in whatever state it is."""
+        task = self.tasks[data.draw(st.sampled_from(sorted(self.tasks)), label="task")]
+        if action == "cancel":
+            self.cancel(task)
+        else:
+            self.retry(task)
+
+    def cancel(self, task: ModelTask) -> None:
+        if task.status in FINAL:
+            with pytest.raises(TaskAlreadyFinished):
+                self.store.cancel(task.id)
+            return
+        got = self.store.cancel(task.id)
+        task.cancel_requested = True
+        if task.status == PENDING:
+            assert got == CANCELLED
+            self.to_final(task, CANCELLED)
+        else:
+            assert got == RUNNING
+
+    def renew(self, worker: int) -> None:
+        """The worker keeps its leases (even one that expired but was not recovered yet)."""
+        worker_id = self.workers[worker]
+        held = [t for t in self.tasks.values() if t.status == RUNNING and t.worker == worker_id]
+        report = self.store.renew_leases(worker_id, LEASE)
+        assert report.held == {t.id for t in held}
+        assert report.cancel_requested == {t.id for t in held if t.cancel_requested}
+        for task in held:
+            task.lease_until = self.clock.now + LEASE
+
+    @rule(seconds=st.sampled_from([1, 10, 20]))
+    def time_passes(self, seconds: int) -> None:
+        """Time passes; every worker renews its leases; nothing expires."""
+        self.clock.advance(seconds=seconds)
+        for worker in range(len(WORKER_NAMES)):
+            self.renew(worker)
+        self.recover_expired()
+
+    @rule(data=st.data(), back_in_time=st.booleans())
+    def worker_stalls(self, data: st.DataObject, back_in_time: bool) -> None:
+        """One worker stops renewing for longer than the lease while the others keep
+        theirs. If it is back in time, it renews its expired leases before anyone
+        recovers them and keeps its tasks; otherwise they are recovered, and it does not
+        know: its claims stay live, and it may write late."""
+        busy = sorted({self.workers.index(c.worker) for c in self.live if self.holds(c)})
+        worker = data.draw(st.sampled_from(busy or range(len(WORKER_NAMES))), label="worker")
+        self.clock.advance(seconds=LEASE.total_seconds() + 1)
+        for other in range(len(WORKER_NAMES)):
+            if other != worker or back_in_time:
+                self.renew(other)
+        self.recover_expired()
+
+    def recover_expired(self) -> None:
+        now = self.clock.now
+        expected: dict[int, str] = {}
+        for task in self.tasks.values():
+            if task.status != RUNNING or task.lease_until is None or task.lease_until >= now:
+                continue
+            if task.cancel_requested:
+                expected[task.id] = CANCELLED
+                self.to_final(task, CANCELLED)
+            elif task.attempts < task.max_attempts:
+                expected[task.id] = PENDING
+                self.to_pending(task, now)
+                task.progress = 0
+            else:
+                expected[task.id] = FAILED
+                self.to_final(task, FAILED)
+        got = {i: s for i, s in self.store.recover_expired() if i in self.tasks}
+        for status in got.values():
+            event(f"recovered to {status}")
+        assert got == expected
+        # The workers that held them do not know yet: their claims stay live (stale).
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), refund=st.booleans())
+    def release(self, data: st.DataObject, refund: bool) -> None:
+        """A stopping worker gives a claim back: unstarted (refund) or interrupted."""
+        live = self.pick(data)
+        task = self.tasks[live.claim.id]
+        expected = self.holds(live)
+        assert self.store.release([live.claim], refund=refund) == int(expected)
+        if not expected:
+            return
+        if refund:
+            task.attempts -= 1
+            self.to_pending(task, task.run_at)
+        # An interrupted attempt counts, as if its worker was lost (see recover_expired).
+        elif task.cancel_requested:
+            self.to_final(task, CANCELLED)
+        elif task.attempts < task.max_attempts:
+            self.to_pending(task, task.run_at)
+        else:
+            event("release of a last attempt")
+            self.to_final(task, FAILED)
+
+    def retry(self, task: ModelTask) -> None:
+        if task.status not in (FAILED, CANCELLED):
+            with pytest.raises(ValueError, match="only failed or cancelled"):
+                self.store.retry(task.id)
+            return
+        self.store.retry(task.id)
+        self.to_pending(task, self.clock.now)
+        task.attempts, task.progress, task.cancel_requested = 0, 0, False
+        task.generation += 1
+        # Known hole: retry() restarts the attempt count, and writes are fenced by attempt
+        # number only, so a stalled worker of the earlier run could write into the new
+        # run's attempt of the same number (tests/unit/test_store_regressions.py,
+        # test_stale_attempt_from_before_a_retry_cannot_write, xfail). Until the store
+        # fences retries too, the workers of the earlier run are taken to be gone.
+        self.live = [c for c in self.live if c.claim.id != task.id]
+
+    @precondition(lambda self: any(not self.holds(c) for c in self.live))
+    @rule(data=st.data(), percentage=st.integers(0, 100))
+    def late_write(self, data: st.DataObject, percentage: int) -> None:
+        """A worker whose lease was taken back (it stalled) writes progress, then its
+        outcome: progress is refused; the outcome is refused when a newer attempt exists
+        or the task ended, and recorded while no newer attempt started."""
+        live = self.pick(data, holding=False)
+        task = self.tasks[live.claim.id]
+        expected = self.writable(live)
+        assert self.store.set_progress(live.claim.id, live.claim.attempt, percentage) is False
+        out = self.outcome(live, COMPLETED, output=json.dumps("late"))
+        assert self.store.finish([out]) == int(expected)
+        if expected:
+            self.to_final(task, COMPLETED)
+            task.progress = 100
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def store_matches_model(self) -> None:
+        stored = self.store.get_many(self.tasks)
+        assert set(stored) == set(self.tasks), "a task disappeared"
+        for task_id, model in self.tasks.items():
+            task = stored[task_id]
+            where = f"task {task_id}: {task} vs model {model}"
+            # exactly one state, the model's; final ones only left through retry()
+            assert task.status == model.status, where
+            assert task.attempts == model.attempts, where
+            assert 0 <= task.attempts <= task.max_attempts == model.max_attempts, where
+            assert 0 <= task.progress_percentage <= 100, where
+            assert task.progress_percentage == model.progress, where
+            if task.status == COMPLETED:
+                assert task.progress_percentage == 100, where
+            assert task.cancel_requested == model.cancel_requested, where
+            if task.status == RUNNING:  # held by exactly one worker, under a lease
+                assert task.worker_id is not None and task.worker_id == model.worker, where
+                assert task.lease_expires_at is not None, where
+                assert task.lease_expires_at.replace(tzinfo=None) == model.lease_until, where
+            else:
+                assert task.lease_expires_at is None, where
+            if task.status == PENDING:
+                assert task.worker_id is None, where
+                assert task.run_at is not None, where
+                assert task.run_at.replace(tzinfo=None) == model.run_at, where
+            assert (task.end_date_time is not None) == (task.status in FINAL), where
+
+    @invariant()
+    def counts_match_model(self) -> None:
+        for name in self.names.values():
+            counts = self.store.count_by_status(name=name)
+            mine = [t for t in self.tasks.values() if t.name == name]
+            assert sum(counts.values()) == len(mine)
+            for status, count in counts.items():
+                assert count == sum(1 for t in mine if t.status == status), (name, status)
+
+    @invariant()
+    def at_most_one_worker_may_write(self) -> None:
+        """Of the claims workers still act on, at most one per task is its latest attempt."""
+        held: dict[int, int] = {}
+        for live in self.live:
+            if self.is_current(live):
+                held[live.claim.id] = held.get(live.claim.id, 0) + 1
+        assert all(n == 1 for n in held.values()), held
+
+
+def test_task_store_state_machine(lilota_db_url: str) -> None:
+    clock = FakeClock()
+    store = TaskStore(lilota_db_url, clock=clock)
+    store.ensure_schema()
+    examples = itertools.count()
+    try:
+        run_state_machine_as_test(
+            lambda: TaskStoreMachine(store, clock, f"sm{next(examples)}"),
+            settings=MACHINE_SETTINGS,
+        )
+    finally:
+        store.dispose()
