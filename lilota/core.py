@@ -26,7 +26,13 @@ from lilota.supervisor import (
     Supervisor,
     is_worker_process,
 )
-from lilota.worker import ENV_CANCEL_GRACE_SECONDS, ENV_LEASE_SECONDS, LilotaWorker
+from lilota.worker import (
+    ENV_ASYNC_CONCURRENCY,
+    ENV_CANCEL_GRACE_SECONDS,
+    ENV_CPU_BOUND_PROCESSES,
+    ENV_LEASE_SECONDS,
+    LilotaWorker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class Lilota:
         cancel_grace: timedelta | None = None,
         startup_timeout: float = 60.0,
         registry: Registry | None = None,
+        async_concurrency: int | None = None,
+        cpu_bound_processes: int | None = None,
     ) -> None:
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
@@ -93,6 +101,18 @@ class Lilota:
             raise ConfigurationError(f"cancel_grace must be a timedelta >= 0, got {cancel_grace!r}")
         self.lease = lease
         self.cancel_grace = cancel_grace
+        # Per worker process: async tasks at once (default 10), pool processes for
+        # cpu_bound tasks (default 1); see lilota.worker.WorkerSettings.
+        for option, value in (
+            ("async_concurrency", async_concurrency),
+            ("cpu_bound_processes", cpu_bound_processes),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
+        self.async_concurrency = async_concurrency
+        self.cpu_bound_processes = cpu_bound_processes
         self.startup_timeout = startup_timeout
         # Tasks can be shared with another instance (its registry), e.g. one per database.
         self.registry = registry if registry is not None else Registry()
@@ -121,7 +141,9 @@ class Lilota:
         again), ``retry_delay`` (default 1 s before the first retry, doubled for each
         next one, less up to 25 % jitter, at most 1 h), ``timeout`` (a timedelta or
         seconds; default none: the process running a task past it is replaced),
-        ``schedule`` (``every(...)``/``crontab(...)``).
+        ``schedule`` (``every(...)``/``crontab(...)``: a periodic task), ``cpu_bound``
+        (run in a process pool of the worker, so that it blocks neither the worker's
+        event loop nor its other tasks).
         Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before.
         """
         return self.registry.register(  # type: ignore[no-any-return]
@@ -182,6 +204,10 @@ class Lilota:
             env[ENV_LEASE_SECONDS] = str(self.lease.total_seconds())
         if self.cancel_grace is not None:
             env[ENV_CANCEL_GRACE_SECONDS] = str(self.cancel_grace.total_seconds())
+        if self.async_concurrency is not None:
+            env[ENV_ASYNC_CONCURRENCY] = str(self.async_concurrency)
+        if self.cpu_bound_processes is not None:
+            env[ENV_CPU_BOUND_PROCESSES] = str(self.cpu_bound_processes)
         if self.script_path is not None:
             env[ENV_SCRIPT] = self.script_path
             return list(BOOT_SCRIPT_ARGV), env

@@ -70,6 +70,12 @@ class TaskDefinition:
     timeout: timedelta | None = None
     is_async: bool = False
     schedule: Any = None  # a lilota.schedules.Schedule for periodic tasks
+    cpu_bound: bool = False  # runs in a process pool of the worker (lilota.asyncworker)
+
+    @property
+    def runs_on_loop(self) -> bool:
+        """Run by the worker's event loop thread (async or cpu_bound), not its main thread."""
+        return self.is_async or self.cpu_bound
 
     def call_arguments(self, value: Any, progress: Any, context: Any) -> dict[str, Any]:
         """Keyword arguments for one call of ``func``."""
@@ -181,6 +187,7 @@ class Registry:
         retry_delay: timedelta | float = timedelta(seconds=1),
         timeout: timedelta | float | None = None,
         schedule: Any = None,
+        cpu_bound: bool = False,
     ) -> Any:
         """Register ``func`` under ``name``; used as ``@register("name", ...)`` or directly.
 
@@ -204,6 +211,8 @@ class Registry:
             raise RegistrationError(
                 f"schedule must be every(...) or crontab(...) from lilota, got {schedule!r}"
             )
+        if not isinstance(cpu_bound, bool):
+            raise RegistrationError(f"cpu_bound must be True or False, got {cpu_bound!r}")
 
         def decorator(f: F) -> F:
             if not callable(f):
@@ -216,6 +225,18 @@ class Registry:
             input_param, progress_param, context_param = _plan_call(
                 name, f, input_model, task_progress
             )
+            if schedule is not None and input_param is not None:
+                param = inspect.signature(f).parameters[input_param]
+                if param.default is param.empty:
+                    raise RegistrationError(
+                        f"task {name!r} is periodic (schedule={schedule!r}): its tasks get no "
+                        f"input, but {f.__name__}() requires {input_param!r}; give it a default"
+                    )
+            if cpu_bound and ("<" in f.__qualname__ or not hasattr(f, "__module__")):
+                raise RegistrationError(
+                    f"task {name!r} is cpu_bound: {f.__qualname__} runs in another process, "
+                    "which imports it by name; define it at module level"
+                )
             self._tasks[name] = TaskDefinition(
                 name=name,
                 func=f,
@@ -228,6 +249,7 @@ class Registry:
                 timeout=timeout_delta,
                 is_async=inspect.iscoroutinefunction(f),
                 schedule=schedule,
+                cpu_bound=cpu_bound,
             )
             return f
 

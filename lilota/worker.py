@@ -62,6 +62,8 @@ ENV_CONTROL_FD = "LILOTA_CONTROL_FD"  # write end of a pipe: one JSON line "read
 ENV_LIFELINE_FD = "LILOTA_LIFELINE_FD"  # read end of a pipe the parent never writes to
 ENV_LEASE_SECONDS = "LILOTA_LEASE_SECONDS"
 ENV_CANCEL_GRACE_SECONDS = "LILOTA_CANCEL_GRACE_SECONDS"
+ENV_ASYNC_CONCURRENCY = "LILOTA_ASYNC_CONCURRENCY"
+ENV_CPU_BOUND_PROCESSES = "LILOTA_CPU_BOUND_PROCESSES"
 
 # A task batch is flushed (outcomes recorded) once this much time passed since it began,
 # so a slow task in a batch of fast ones never hides the others' results. 50 ms is far
@@ -101,6 +103,13 @@ class WorkerSettings:
     # told within a heartbeat), before its process is replaced. 10 s lets a task finish
     # the step it is in; LILOTA_CANCEL_GRACE_SECONDS or Lilota(cancel_grace=) change it.
     cancel_grace: timedelta = timedelta(seconds=10)
+    # Async tasks one worker process runs at once on its event loop. 10 keeps a burst of
+    # I/O-bound tasks from opening more connections to other services than a typical
+    # pool allows; raise it for tasks that mostly wait (100s are fine for one loop).
+    async_concurrency: int = 10
+    # Processes of a worker's pool for cpu_bound tasks. 1 per worker process: with the
+    # default of one worker process per core, that is already one more process per core.
+    cpu_bound_processes: int = 1
 
     def __post_init__(self) -> None:
         if self.lease <= timedelta(seconds=0):
@@ -111,6 +120,10 @@ class WorkerSettings:
             )
         if self.cancel_grace < timedelta(0):
             raise ConfigurationError(f"cancel_grace must be >= 0, got {self.cancel_grace}")
+        for option in ("async_concurrency", "cpu_bound_processes"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
@@ -124,6 +137,12 @@ class WorkerSettings:
         grace = os.environ.get(ENV_CANCEL_GRACE_SECONDS)
         if grace:
             values["cancel_grace"] = timedelta(seconds=float(grace))
+        for option, variable in (
+            ("async_concurrency", ENV_ASYNC_CONCURRENCY),
+            ("cpu_bound_processes", ENV_CPU_BOUND_PROCESSES),
+        ):
+            if os.environ.get(variable):
+                values[option] = int(os.environ[variable])
         values.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("lease") is not None and overrides.get("heartbeat") is None:
             seconds = values["lease"].total_seconds()
@@ -257,7 +276,24 @@ class WorkerLoop:
         self.registry = registry
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
-        self.names = registry.names
+        # The main thread runs plain functions; async and cpu_bound tasks are the event
+        # loop's (lilota.asyncworker), periodic ticks the tick thread's (lilota.schedules).
+        self.names = frozenset(d.name for d in registry if not d.runs_on_loop)
+        self._async: Any = None
+        if any(d.runs_on_loop for d in registry):
+            from lilota.asyncworker import AsyncRunner
+
+            self._async = AsyncRunner(self)
+        self._ticks: Any = None
+        periodic = {d.name: d for d in registry if d.schedule is not None}
+        if periodic:
+            from lilota.schedules import TickThread
+
+            self._ticks = TickThread(
+                store,
+                {name: d.schedule for name, d in periodic.items()},
+                max_attempts={name: d.retry.max_attempts for name, d in periodic.items()},
+            )
         self._stopping = threading.Event()
         self._keeper_stop = threading.Event()
         self._lock = threading.Lock()  # guards the three fields below
@@ -276,6 +312,8 @@ class WorkerLoop:
         self._stopping.set()
         if self._listener is not None:
             self._listener.wake()
+        if self._async is not None:
+            self._async.request_stop()
 
     @property
     def stopping(self) -> bool:
@@ -288,11 +326,16 @@ class WorkerLoop:
             queued = list(self._queue)
             self._queue.clear()
             running = self._running
+        on_loop: list[Claim] = []
+        if self._async is not None:
+            loop_outcomes, on_loop = self._async.take_all()
+            unrecorded += loop_outcomes
         try:
             self.store.finish(unrecorded)
             self.store.release(queued, refund=True)
             if running is not None:
                 self.store.release([running.claim], refund=False)
+            self.store.release(on_loop, refund=False)
         except LilotaError as e:
             log.error("could not give back tasks before exiting (their leases will expire): %s", e)
         os._exit(exit_code)
@@ -303,10 +346,17 @@ class WorkerLoop:
         """Work until request_stop(); returns after recording and giving back everything."""
         keeper = threading.Thread(target=self._keep_leases, name="lilota-lease-keeper", daemon=True)
         keeper.start()
+        if self._async is not None:
+            self._async.start()
+        if self._ticks is not None:
+            self._ticks.start()
         self._listener = self.store.listener()
         backoff = 0.1
         try:
             while not self._stopping.is_set():
+                if not self.names:  # only async/cpu_bound tasks: nothing for this thread
+                    self._stopping.wait(0.5)
+                    continue
                 with self._lock:
                     finished, self._unrecorded = self._unrecorded, []
                 try:
@@ -463,6 +513,12 @@ class WorkerLoop:
             raise
 
     def _shutdown(self, keeper: threading.Thread) -> None:
+        if self._ticks is not None:
+            self._ticks.stop()
+        if self._async is not None:
+            self._stopping.set()
+            self._async.request_stop()
+            self._async.join()  # its running tasks finish and are recorded
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -494,6 +550,7 @@ class WorkerLoop:
             now = time.monotonic()
             with self._lock:
                 busy = self._running is not None or bool(self._queue) or bool(self._unrecorded)
+            busy = busy or (self._async is not None and self._async.busy)
             if now >= next_renew:
                 interval = heartbeat if busy else max(heartbeat, lease / 3)
                 if not self._renew():
@@ -528,6 +585,12 @@ class WorkerLoop:
             held = {c.id for c in self._queue} | {o.id for o in self._unrecorded}
             if self._running is not None:
                 held.add(self._running.claim.id)
+        if self._async is not None:
+            try:
+                with self._async._lock:
+                    held |= set(self._async._running) | {o.id for o in self._async._unrecorded}
+            except AttributeError:
+                return None
         return held
 
     def _renew(self) -> bool:
@@ -544,6 +607,8 @@ class WorkerLoop:
         if held is not None:
             self._check_still_held(running, held - report.held)
         if report.cancel_requested:
+            if self._async is not None:
+                self._async.note_cancel_requested(report.cancel_requested)
             with self._lock:
                 self._cancel_requested |= report.cancel_requested
                 running = self._running
@@ -558,6 +623,10 @@ class WorkerLoop:
         return True
 
     def _enforce_limits(self) -> None:
+        if self._async is not None:
+            stuck = self._async.enforce_limits()
+            if stuck is not None:
+                self._end_process(*stuck)
         with self._lock:
             running = self._running
         if running is None:
@@ -599,7 +668,10 @@ class WorkerLoop:
         with self._lock:
             sync_lost = running is not None and self._running is running
             sync_lost = sync_lost and running is not None and running.claim.id in not_renewed
-        if not sync_lost:
+        loop_lost: set[int] = set()
+        if self._async is not None:
+            loop_lost = not_renewed & set(self._async.running_ids)
+        if not sync_lost and not loop_lost:
             return
         log.error(
             "lost the lease of task(s) %s: another worker took them over; replacing this "
@@ -654,6 +726,8 @@ class LilotaWorker:
         lease: timedelta | None = None,
         registry: Registry | None = None,
         store: TaskStore | None = None,
+        async_concurrency: int | None = None,
+        cpu_bound_processes: int | None = None,
         cancel_grace: timedelta | None = None,
     ) -> None:
         self.db_url = db_url
@@ -662,6 +736,8 @@ class LilotaWorker:
         self._store = store
         self._lease = lease
         self._cancel_grace = cancel_grace
+        self._async_concurrency = async_concurrency
+        self._cpu_bound_processes = cpu_bound_processes
         parse_url(db_url)  # a malformed URL is an error here, not in the worker loop
         self._loop: WorkerLoop | None = None
         self._signals = 0
@@ -681,12 +757,23 @@ class LilotaWorker:
 
     def start(self) -> None:
         """Run tasks in this process until told to stop. Blocks."""
+        from lilota.asyncworker import in_pool_process
+
+        if in_pool_process():
+            # A cpu_bound pool process imports the worker's script again to find the task
+            # functions; it runs them for its worker and must not become a worker itself.
+            return
         LilotaWorker.started_in_this_process = True
         control_fd = os.environ.pop(ENV_CONTROL_FD, None)
         lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
         supervised = control_fd is not None
         try:
-            settings = WorkerSettings.from_env(lease=self._lease, cancel_grace=self._cancel_grace)
+            settings = WorkerSettings.from_env(
+                lease=self._lease,
+                cancel_grace=self._cancel_grace,
+                async_concurrency=self._async_concurrency,
+                cpu_bound_processes=self._cpu_bound_processes,
+            )
             store = self.store
             store.ensure_schema()
             loop = WorkerLoop(store, self.registry, settings)
