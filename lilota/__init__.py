@@ -24,8 +24,7 @@ from lilota.errors import (
     WorkerStartupError,
 )
 from lilota.models import ModelProtocol, Task, TaskError, TaskProgress, TaskStatus
-from lilota.schedules import crontab as crontab  # in __all__ once README documents it
-from lilota.schedules import every as every  # (tests/unit/test_public_api.py)
+from lilota.schedules import crontab, every
 from lilota.worker import LilotaWorker
 
 __version__ = "2.0.0.dev0"
@@ -56,4 +55,6 @@ __all__ = [
     "WorkerLost",
     "WorkerStartupError",
     "__version__",
+    "crontab",
+    "every",
 ]
