@@ -37,6 +37,7 @@ from lilota.worker import (
 log = logging.getLogger(__name__)
 
 DEFAULT_DB_URL = "sqlite:///lilota.db"
+ENV_DB_URL = "LILOTA_DB_URL"  # the database when no db_url is given
 
 # Pruning the set of ids this instance scheduled (kept so stop() can wait for them):
 # past this many, finished ones are dropped, so a long-running web app holds only its
@@ -55,7 +56,7 @@ class Lilota:
 
     def __init__(
         self,
-        db_url: str = DEFAULT_DB_URL,
+        db_url: str | None = None,
         script_path: str | os.PathLike[str] | None = None,
         number_of_workers: int | None = None,
         set_progress_manually: bool = False,
@@ -67,6 +68,8 @@ class Lilota:
         async_concurrency: int | None = None,
         cpu_bound_processes: int | None = None,
     ) -> None:
+        if db_url is None:
+            db_url = os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
         if script_path is not None:
@@ -183,8 +186,11 @@ class Lilota:
         self._stopped = False
         if self._supervisor is not None:
             return
+        if self.number_of_workers == 0:
+            log.info("lilota started without worker processes (number_of_workers=0)")
+            return
         argv, env = self._worker_command()
-        if argv is None or self.number_of_workers == 0:
+        if argv is None:
             log.info("lilota started without worker processes (scheduling only)")
             return
         if is_memory_sqlite(self._url):

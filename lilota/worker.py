@@ -720,7 +720,7 @@ class LilotaWorker:
 
     def __init__(
         self,
-        db_url: str = "sqlite:///lilota.db",
+        db_url: str | None = None,
         set_progress_manually: bool = False,
         *,
         lease: timedelta | None = None,
@@ -730,6 +730,8 @@ class LilotaWorker:
         cpu_bound_processes: int | None = None,
         cancel_grace: timedelta | None = None,
     ) -> None:
+        if db_url is None:
+            db_url = os.environ.get("LILOTA_DB_URL") or "sqlite:///lilota.db"
         self.db_url = db_url
         self.set_progress_manually = set_progress_manually
         self.registry = registry if registry is not None else Registry()

@@ -37,3 +37,26 @@ def test_seed_import_paths() -> None:
         lilota.TaskProgress,
         lilota.ModelProtocol,
     )
+
+
+def test_db_url_defaults_to_the_environment_then_sqlite(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("LILOTA_DB_URL", raising=False)
+    assert lilota.Lilota().db_url == "sqlite:///lilota.db"
+    assert lilota.LilotaWorker().db_url == "sqlite:///lilota.db"
+    monkeypatch.setenv("LILOTA_DB_URL", "sqlite:///from-env.db")
+    assert lilota.Lilota().db_url == "sqlite:///from-env.db"
+    assert lilota.LilotaWorker().db_url == "sqlite:///from-env.db"
+    assert lilota.Lilota("sqlite:///explicit.db").db_url == "sqlite:///explicit.db"
+
+
+def test_scheduler_with_tasks_and_no_workers_starts_without_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def make() -> lilota.Lilota:  # not a module-level instance: it must not be looked for
+        app = lilota.Lilota(f"sqlite:///{tmp_path}/x.db", number_of_workers=0)
+        app.register("noop")(lambda: None)
+        return app
+
+    app = make()
+    app.start()
+    assert app.worker_pids == []
+    assert app.schedule("noop") == 1
+    app.stop()
