@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -588,7 +588,11 @@ class TaskStore:
                 start_date_time = :now,
                 lease_expires_at = :b_lease_until,
                 progress_percentage = 0,
-                end_date_time = NULL
+                end_date_time = NULL,
+                max_attempts = GREATEST(
+                    max_attempts,
+                    (CAST(:floors AS integer[]))[array_position(CAST(:names AS varchar[]), name)]
+                )
             WHERE id = ANY(ARRAY(
                 SELECT id FROM lilota_task
                 WHERE status = '{PENDING}' AND run_at <= :now
@@ -700,6 +704,12 @@ class TaskStore:
             )
         )
         self._get = sa.select(t).where(t.c.id == sa.bindparam("id"))
+        self._raise_max_attempts = (
+            t.update()
+            .where(t.c.id == sa.bindparam("b_id"))
+            .where(t.c.attempts == sa.bindparam("b_attempt"))
+            .values(max_attempts=sa.bindparam("b_max"))
+        )
 
     def _notify(self, conn: Connection) -> None:
         if self.is_postgres:
@@ -830,16 +840,20 @@ class TaskStore:
         limit: int,
         lease: timedelta,
         finished: Sequence[Outcome] = (),
+        max_attempts: Mapping[str, int] | None = None,
     ) -> list[Claim]:
         """Record ``finished`` outcomes, then claim up to ``limit`` runnable tasks.
 
         One transaction (one commit) for both. Tasks are taken by priority (highest
         first), then run_at, then id; only tasks whose name is in ``names``. Each claimed
         task becomes running with its attempt count incremented and a lease until now +
-        ``lease``. Returns the claims (possibly none).
+        ``lease``. With ``max_attempts`` (by name: the worker's registered limits), a
+        claimed task's max_attempts is raised to at least that, in the same transaction
+        (a scheduler that did not know the task stored 1). Returns the claims.
         """
         names = sorted(names)
         pid = os.getpid()
+        floors = dict(max_attempts or {})
 
         def claim(conn: Connection) -> list[Claim]:
             if finished:
@@ -853,6 +867,7 @@ class TaskStore:
                 {
                     "now": now,
                     "names": names,
+                    "floors": [floors.get(n, 1) for n in names],
                     "limit": limit,
                     "b_worker_id": worker_id,
                     "b_pid": pid,
@@ -861,13 +876,21 @@ class TaskStore:
             ).all()
             # RETURNING comes in no particular order: run them in claim order.
             rows = sorted(rows, key=lambda r: (-r.priority, r.run_at, r.id))
+            # PostgreSQL raised max_attempts in the claim statement itself; SQLite does it
+            # here, in the same transaction.
+            low = [r for r in rows if floors.get(r.name, 1) > r.max_attempts]
+            if low:
+                conn.execute(
+                    self._raise_max_attempts,
+                    [{"b_id": r.id, "b_attempt": r.attempts, "b_max": floors[r.name]} for r in low],
+                )
             return [
                 Claim(
                     id=r.id,
                     name=r.name,
                     input=r.input,
                     attempt=r.attempts,
-                    max_attempts=r.max_attempts,
+                    max_attempts=max(r.max_attempts, floors.get(r.name, 1)),
                 )
                 for r in rows
             ]
@@ -1000,15 +1023,8 @@ class TaskStore:
 
     def raise_max_attempts(self, claims: Sequence[tuple[Claim, int]]) -> None:
         """Set the attempt limit of held tasks (fenced by attempt)."""
-        t = task_table
-        stmt = (
-            t.update()
-            .where(t.c.id == sa.bindparam("b_id"))
-            .where(t.c.attempts == sa.bindparam("b_attempt"))
-            .values(max_attempts=sa.bindparam("b_max"))
-        )
         params = [{"b_id": c.id, "b_attempt": c.attempt, "b_max": n} for c, n in claims]
-        self._run(lambda conn: conn.execute(stmt, params))
+        self._run(lambda conn: conn.execute(self._raise_max_attempts, params))
 
     def renew_leases(
         self, worker_id: str, lease: timedelta, *, task_ids: Iterable[int] | None = None

@@ -279,6 +279,11 @@ class WorkerLoop:
         # The main thread runs plain functions; async and cpu_bound tasks are the event
         # loop's (lilota.asyncworker), periodic ticks the tick thread's (lilota.schedules).
         self.names = frozenset(d.name for d in registry if not d.runs_on_loop)
+        # Registered attempt limits: a claim raises a task's stored max_attempts to these
+        # (a scheduler that did not know the task stored 1), in the claim's transaction.
+        self._max_attempts = {
+            d.name: d.retry.max_attempts for d in registry if d.name in self.names
+        }
         self._async: Any = None
         if any(d.runs_on_loop for d in registry):
             from lilota.asyncworker import AsyncRunner
@@ -366,6 +371,7 @@ class WorkerLoop:
                         limit=self._batch_size(),
                         lease=self.settings.lease,
                         finished=finished,
+                        max_attempts=self._max_attempts,
                     )
                     backoff = 0.1
                 except DatabaseError as e:
