@@ -36,6 +36,10 @@ PATIENCE = 60.0
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LILOTA_DB_URL", None)
+    # Tables are parsed below: give rich a fixed width whatever terminal (or pytest-xdist
+    # worker) the suite runs in.
+    env["COLUMNS"] = "200"
+    env.pop("LINES", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
