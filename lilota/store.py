@@ -150,17 +150,32 @@ sa.Index(
     postgresql_where=_t.status == RUNNING,
     sqlite_where=_t.status == RUNNING,
 )
+# Every change of status moves a row in each index whose key or condition it touches
+# (PostgreSQL: all of them, as such an update is never HOT). The indexes below hold only
+# the rows that can match their queries: keys that are set, ends of finished tasks. That
+# leaves 9 index entries to write per task run instead of 13.
 sa.Index(
     "uq_lilota_task_unique_key",
     _t.unique_key,
     unique=True,
-    postgresql_where=_t.status.in_(ACTIVE),
-    sqlite_where=_t.status.in_(ACTIVE),
+    postgresql_where=sa.and_(_t.status.in_(ACTIVE), _t.unique_key.is_not(None)),
+    sqlite_where=sa.and_(_t.status.in_(ACTIVE), _t.unique_key.is_not(None)),
 )
-sa.Index("uq_lilota_task_schedule_key", _t.schedule_key, unique=True)
+sa.Index(
+    "uq_lilota_task_schedule_key",
+    _t.schedule_key,
+    unique=True,
+    postgresql_where=_t.schedule_key.is_not(None),
+    sqlite_where=_t.schedule_key.is_not(None),
+)
 sa.Index("ix_lilota_task_status_id", _t.status, _t.id)
 sa.Index("ix_lilota_task_name_id", _t.name, _t.id)
-sa.Index("ix_lilota_task_end", _t.end_date_time)
+sa.Index(
+    "ix_lilota_task_end",
+    _t.end_date_time,
+    postgresql_where=_t.status.in_(FINAL),
+    sqlite_where=_t.status.in_(FINAL),
+)
 
 worker_table = sa.Table(
     "lilota_worker",
