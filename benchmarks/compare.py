@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                        # lilota-dev pgqueuer procrastinate raw
     R=5 python benchmarks/compare.py lilota_dev pgqueuer raw_batch
+    python benchmarks/compare.py --before /tmp/lilota-old    # also an older checkout
     python benchmarks/compare.py --results /tmp/bench/results/<run>   # only the ratios
 
 Copies the shared queue benchmark (``$SHARED_BENCH``, default /work/shared/bench: W1
@@ -41,8 +42,9 @@ FIGURES = [  # key, heading, higher is better
 ]
 
 
-def prepare(shared: str) -> str:
-    """A writable copy of the shared bench with this repo's adapter in it."""
+def prepare(shared: str, before: str | None) -> str:
+    """A writable copy of the shared bench with this repo's adapter in it (and, with
+    ``before``, the same adapter for another checkout, as adapters/lilota_before.py)."""
     work = tempfile.mkdtemp(prefix="lilota-compare-")
     bench = os.path.join(work, "bench")
     shutil.copytree(shared, bench)
@@ -51,9 +53,16 @@ def prepare(shared: str) -> str:
             path = os.path.join(root, name)
             os.chmod(path, os.stat(path).st_mode | 0o200)
     with open(os.path.join(HERE, "bench_adapter_lilota.py")) as f:
-        adapter = f.read().replace("@REPO@", REPO, 1)
+        template = f.read()
     with open(os.path.join(bench, "adapters", "lilota_dev.py"), "w") as f:
-        f.write(adapter)
+        f.write(template.replace("@REPO@", REPO, 1))
+    if before is not None:
+        with open(os.path.join(bench, "adapters", "lilota_before.py"), "w") as f:
+            f.write(
+                template.replace("@REPO@", os.path.abspath(before), 1).replace(
+                    f'name = "{ME}"', 'name = "lilota-before"', 1
+                )
+            )
     return bench
 
 
@@ -127,6 +136,12 @@ def main() -> None:
     parser.add_argument("systems", nargs="*", default=DEFAULT_SYSTEMS)
     parser.add_argument("--shared", default=os.environ.get("SHARED_BENCH", "/work/shared/bench"))
     parser.add_argument("--results", help="only print the ratios of this results directory")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run another checkout of lilota (e.g. an older commit, from git archive) "
+        "as the system lilota-before; name lilota_before among the systems",
+    )
     args = parser.parse_args()
     if args.results:
         print(ratios(args.results))
@@ -134,9 +149,12 @@ def main() -> None:
     root = os.environ.setdefault("BENCH_ROOT", "/tmp/bench")
     results_root = os.path.join(root, "results")
     before = set(os.listdir(results_root)) if os.path.isdir(results_root) else set()
-    bench = prepare(args.shared)
+    systems = list(args.systems)
+    if args.before and "lilota_before" not in systems:
+        systems.insert(1, "lilota_before")
+    bench = prepare(args.shared, args.before)
     try:
-        code = subprocess.call([os.path.join(bench, "run.sh"), *args.systems])
+        code = subprocess.call([os.path.join(bench, "run.sh"), *systems])
         after = set(os.listdir(results_root)) if os.path.isdir(results_root) else set()
         new = sorted(after - before)
         if not new:
