@@ -154,7 +154,12 @@ def main() -> None:
         systems.insert(1, "lilota_before")
     bench = prepare(args.shared, args.before)
     try:
-        code = subprocess.call([os.path.join(bench, "run.sh"), *systems])
+        # From the temporary directory: worker processes started as "python -c ..." put
+        # their working directory first on sys.path, and a checkout there would be imported
+        # instead of the adapter's own lilota.
+        code = subprocess.call(
+            [os.path.join(bench, "run.sh"), *systems], cwd=os.path.dirname(bench)
+        )
         after = set(os.listdir(results_root)) if os.path.isdir(results_root) else set()
         new = sorted(after - before)
         if not new:
