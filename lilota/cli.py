@@ -343,16 +343,25 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     now = datetime.now(timezone.utc)
     table = Table(title=f"Tasks{_filters_text(args)}, newest first (times in UTC)")
-    table.add_column("id", justify="right", no_wrap=True)
-    table.add_column("name", overflow="fold")
+    table.add_column(
+        "id", justify="right", no_wrap=True, min_width=max(len(str(t.id)) for t in tasks)
+    )
+    # no_wrap like the others: rich shrinks a wrapping column first, and in a terminal
+    # narrower than the timestamps it squeezed the name, the column read first, to nothing.
+    table.add_column("name", no_wrap=True, min_width=min(24, max(len(t.name) for t in tasks)))
     table.add_column("status", no_wrap=True)
     table.add_column("progress", justify="right", no_wrap=True)
     table.add_column("attempts", justify="right", no_wrap=True)
     table.add_column("created", no_wrap=True)
-    table.add_column("started", no_wrap=True)
+    # Three full timestamps do not fit a narrow terminal: there, "started" is left to
+    # `lilota show` (ended and duration say the rest).
+    wide = console.width >= 130
+    if wide:
+        table.add_column("started", no_wrap=True)
     table.add_column("ended", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
     for t in tasks:
+        started = [_text(_when(t.start_date_time))] if wide else []
         table.add_row(
             _text(t.id),
             _text(t.name),
@@ -360,7 +369,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             _text(f"{t.progress_percentage}%"),
             _text(f"{t.attempts}/{t.max_attempts}"),
             _text(_when(t.created_at)),
-            _text(_when(t.start_date_time)),
+            *started,
             _text(_when(t.end_date_time)),
             _text(_elapsed(t, now)),
         )

@@ -609,3 +609,14 @@ def test_worker_script_failing_at_import_ends_with_its_exception_in_one_line(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("lilota: error: cannot start workers for imports_missing.py")
     assert "No module named 'no_such_module_for_lilota_cli'" in last
+
+
+def test_tasks_table_keeps_the_name_in_a_narrow_terminal(lilota_db_url: str) -> None:
+    from lilota import Lilota
+
+    scheduler = Lilota(lilota_db_url, number_of_workers=0)
+    scheduler.schedule("resize-thumbnail", {"path": "a.png"})
+    for columns in ("80", "100"):
+        done = run_cli("--db-url", lilota_db_url, "tasks", env={"COLUMNS": columns})
+        assert done.returncode == 0, done.stderr
+        assert "resize-thumbnail" in done.stdout, done.stdout
