@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from lilota import serialization
-from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered
+from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered, require_int
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, TaskDefinition
 from lilota.store import NewTask, TaskStore, is_memory_sqlite, parse_url
@@ -83,15 +83,9 @@ class Lilota:
             self.script_path = None
         if number_of_workers is None:
             number_of_workers = os.cpu_count() or 1
-        if (
-            isinstance(number_of_workers, bool)
-            or not isinstance(number_of_workers, int)
-            or number_of_workers < 0
-        ):
-            raise ConfigurationError(
-                f"number_of_workers must be an int >= 0, got {number_of_workers!r}"
-            )
-        self.number_of_workers = number_of_workers
+        self.number_of_workers = require_int(
+            number_of_workers, "number_of_workers", 0, ConfigurationError
+        )
         self.set_progress_manually = bool(set_progress_manually)
         # Worker settings (None: the default of lilota.worker.WorkerSettings): how long a
         # task's claim lasts without renewal (30 s), and how long a running task gets to
@@ -110,10 +104,8 @@ class Lilota:
             ("async_concurrency", async_concurrency),
             ("cpu_bound_processes", cpu_bound_processes),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
+            if value is not None:
+                require_int(value, option, 1, ConfigurationError)
         self.async_concurrency = async_concurrency
         self.cpu_bound_processes = cpu_bound_processes
         self.startup_timeout = startup_timeout
@@ -364,10 +356,8 @@ class Lilota:
             raise ValueError(f"unique_key must be a string of 1-255 characters, got {unique_key!r}")
         if max_attempts is None:
             max_attempts = definition.retry.max_attempts if definition is not None else 1
-        elif (
-            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
-        ):
-            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        else:
+            require_int(max_attempts, "max_attempts", 1)
         return NewTask(
             name=name,
             input=text,

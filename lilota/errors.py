@@ -9,6 +9,14 @@ derives from it, so existing handlers keep working.
 from __future__ import annotations
 
 
+def require_int(value: object, name: str, minimum: int, error: type[Exception] = ValueError) -> int:
+    """Return ``value`` if it is an int (a bool is not) >= ``minimum``; else raise ``error``
+    with the message "``name`` must be an int >= ``minimum``, got ``value``"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 class LilotaError(Exception):
     """Base class of every error lilota raises on purpose."""
 

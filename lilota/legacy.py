@@ -68,6 +68,7 @@ from lilota.errors import (
     LilotaStopped,
     RegistrationError,
     TaskNotRegistered,
+    require_int,
 )
 from lilota.models import Task, TaskError, TaskProgress, TaskStatus, check_percentage
 from lilota.registry import Registry
@@ -931,14 +932,9 @@ class TaskRunner:
         self._backend = _backend_for(store)
         if number_of_workers is None:
             number_of_workers = os.cpu_count() or 1
-        if (
-            isinstance(number_of_workers, bool)
-            or not isinstance(number_of_workers, int)
-            or number_of_workers < 1
-        ):
-            raise ConfigurationError(
-                f"number_of_workers must be an int >= 1, got {number_of_workers!r}"
-            )
+        number_of_workers = require_int(
+            number_of_workers, "number_of_workers", 1, ConfigurationError
+        )
         self.store = store
         self.number_of_workers = number_of_workers
         self._classes: dict[str, _ClassRef] = {}

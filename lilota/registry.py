@@ -11,7 +11,12 @@ from datetime import timedelta
 from typing import Any, TypeVar, get_type_hints
 
 from lilota import serialization
-from lilota.errors import RegistrationError, TaskAlreadyRegistered, TaskNotRegistered
+from lilota.errors import (
+    RegistrationError,
+    TaskAlreadyRegistered,
+    TaskNotRegistered,
+    require_int,
+)
 from lilota.models import TaskProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -202,8 +207,7 @@ class Registry:
         serialization.check_model(output_model, role="output_model")
         if task_progress is not None and task_progress is not TaskProgress:
             raise RegistrationError(f"task_progress must be TaskProgress, got {task_progress!r}")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise RegistrationError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        require_int(max_attempts, "max_attempts", 1, RegistrationError)
         delay = _as_timedelta(retry_delay, "retry_delay")
         assert delay is not None
         timeout_delta = _as_timedelta(timeout, "timeout")

@@ -38,6 +38,7 @@ from lilota.errors import (
     SerializationError,
     TaskCancelled,
     TaskTimeout,
+    require_int,
 )
 from lilota.models import TaskProgress, TaskStatus
 from lilota.registry import Registry, TaskDefinition
@@ -121,9 +122,7 @@ class WorkerSettings:
         if self.cancel_grace < timedelta(0):
             raise ConfigurationError(f"cancel_grace must be >= 0, got {self.cancel_grace}")
         for option in ("async_concurrency", "cpu_bound_processes"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
+            require_int(getattr(self, option), option, 1, ConfigurationError)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
