@@ -17,6 +17,7 @@ from lilota import serialization
 from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered, require_int
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, TaskDefinition
+from lilota.settings import ENV_SETTINGS, WorkerSettings
 from lilota.store import NewTask, TaskStore, is_memory_sqlite, parse_url
 from lilota.supervisor import (
     BOOT_INSTANCE_ARGV,
@@ -26,13 +27,7 @@ from lilota.supervisor import (
     Supervisor,
     is_worker_process,
 )
-from lilota.worker import (
-    ENV_ASYNC_CONCURRENCY,
-    ENV_CANCEL_GRACE_SECONDS,
-    ENV_CPU_BOUND_PROCESSES,
-    ENV_LEASE_SECONDS,
-    LilotaWorker,
-)
+from lilota.worker import LilotaWorker
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +192,13 @@ class Lilota:
         self._supervisor = supervisor
 
     def _worker_command(self) -> tuple[list[str] | None, dict[str, str]]:
-        env: dict[str, str] = {}
-        if self.lease is not None:
-            env[ENV_LEASE_SECONDS] = str(self.lease.total_seconds())
-        if self.cancel_grace is not None:
-            env[ENV_CANCEL_GRACE_SECONDS] = str(self.cancel_grace.total_seconds())
-        if self.async_concurrency is not None:
-            env[ENV_ASYNC_CONCURRENCY] = str(self.async_concurrency)
-        if self.cpu_bound_processes is not None:
-            env[ENV_CPU_BOUND_PROCESSES] = str(self.cpu_bound_processes)
+        settings = WorkerSettings.from_env(
+            lease=self.lease,
+            cancel_grace=self.cancel_grace,
+            async_concurrency=self.async_concurrency,
+            cpu_bound_processes=self.cpu_bound_processes,
+        )
+        env: dict[str, str] = {ENV_SETTINGS: settings.to_json()}
         if self.script_path is not None:
             env[ENV_SCRIPT] = self.script_path
             return list(BOOT_SCRIPT_ARGV), env
@@ -224,7 +217,6 @@ class Lilota:
             "sys_path": list(sys.path),
             "db_url": self._url.render_as_string(hide_password=False),
             "set_progress_manually": self.set_progress_manually,
-            "lease_seconds": None if self.lease is None else self.lease.total_seconds(),
         }
         if main_spec is not None and getattr(main_spec, "name", None):
             spec["main_module"] = main_spec.name.removesuffix(".__main__")

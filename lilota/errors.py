@@ -8,6 +8,8 @@ derives from it, so existing handlers keep working.
 
 from __future__ import annotations
 
+import enum
+
 
 def require_int(value: object, name: str, minimum: int, error: type[Exception] = ValueError) -> int:
     """Return ``value`` if it is an int (a bool is not) >= ``minimum``; else raise ``error``
@@ -15,6 +17,17 @@ def require_int(value: object, name: str, minimum: int, error: type[Exception] =
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise error(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+class WorkerExit(enum.IntEnum):
+    """Exit codes of a worker process; the supervisor acts on them."""
+
+    OK = 0
+    STARTUP_FAILED = 78  # the script or the database could not be set up (EX_CONFIG)
+    TASK_TIMEOUT = 79  # a task overran its timeout: replace the process at once
+    CANCEL_FORCED = 80  # a running task ignored its cancellation: replace at once
+    PARENT_DIED = 81  # the process that started the worker is gone
+    LEASE_LOST = 82  # another worker took over the running task (this one had stalled)
 
 
 class LilotaError(Exception):

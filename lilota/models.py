@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -64,6 +66,33 @@ class TaskError:
             message=str(data.get("message", "")),
             traceback=str(data.get("traceback", "")),
         )
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> TaskError:
+        """The record of ``error``: every error record lilota stores is built here.
+
+        ``type`` is the qualified class name (bare for builtins and ``__main__``), so a
+        reader can tell ``ValueError`` from ``myapp.errors.ValueError``."""
+        kind = type(error)
+        module = kind.__module__
+        name = kind.__qualname__
+        if module not in ("builtins", "__main__"):
+            name = f"{module}.{name}"
+        trace = "".join(traceback.format_exception(kind, error, error.__traceback__))
+        return cls(type=name, message=str(error), traceback=trace)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> TaskError:
+        """The record stored as ``text`` (an empty one for None or unreadable text)."""
+        try:
+            data = json.loads(text) if text else {}
+        except ValueError:
+            data = {"message": text}
+        return cls.from_dict(data if isinstance(data, dict) else {"message": text})
+
+    def to_json(self) -> str:
+        """The text stored in a task's ``exception`` column."""
+        return json.dumps(self.as_dict())
 
 
 def _aware(value: datetime | None) -> datetime | None:

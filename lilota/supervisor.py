@@ -31,7 +31,6 @@ import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import IO, Any
 
 from lilota.errors import WorkerStartupError
@@ -357,13 +356,8 @@ def boot_instance() -> None:
         raise SystemExit(
             f"lilota worker: {module_name}.{spec['attr']} holds no tasks in the worker process"
         )
-    lease = spec.get("lease_seconds")
-    LilotaWorker(
-        spec["db_url"],
-        spec["set_progress_manually"],
-        registry=registry,
-        lease=None if lease is None else timedelta(seconds=lease),
-    ).start()
+    # The settings come in LILOTA_WORKER_SETTINGS, built once by the parent.
+    LilotaWorker(spec["db_url"], spec["set_progress_manually"], registry=registry).start()
 
 
 def boot_script() -> None:

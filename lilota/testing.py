@@ -117,7 +117,7 @@ if TYPE_CHECKING:
 
     from lilota.core import Lilota
     from lilota.models import Task
-    from lilota.store import Claim
+    from lilota.store import Outcome
 
 __all__ = [
     "ENV_CI",
@@ -986,7 +986,7 @@ def lilota_db_url(request: pytest.FixtureRequest) -> str:
 # ``lilota_app`` runs your tasks in real worker processes on the test database, as in
 # production; ``wait_for`` waits for one task and fails the test with what the task was doing.
 # The inline mode (``run_pending``, ``eager``, ``lilota_inline``) runs pending tasks in the
-# test's own process and thread, through the worker's own ``lilota.worker.run_task``: the
+# test's own process and thread, through the worker's own step, ``lilota.worker.WorkerLoop.run_once``: the
 # same input rebuilding, output and error serialization, TaskProgress (written to the store)
 # and TaskContext (follow-up tasks go to the store and are run too), the same retry outcome.
 # Not enforced inline: task timeouts, and cancellation of a task while it runs (a task
@@ -1077,56 +1077,6 @@ def wait_for(lilota: Lilota, task_id: int, timeout: float = 10.0) -> Task:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_progress(lilota: Lilota, claim: Claim, percentage: int) -> None:
-    if not lilota.store.set_progress(claim.id, claim.attempt, percentage):
-        logger.warning(
-            "task %d: progress %d%% not recorded: this attempt no longer holds it",
-            claim.id,
-            percentage,
-        )
-
-
-def _run_claim(lilota: Lilota, claim: Claim, *, retry_now: bool) -> Task:
-    """Run one claimed task in this thread as a worker would, record and return it."""
-    import dataclasses
-
-    from lilota.models import TaskProgress, TaskStatus
-    from lilota.worker import failure_outcome, run_task
-
-    store = lilota.store
-    definition = lilota.registry.get(claim.name)
-    if definition.retry.max_attempts > claim.max_attempts:
-        # Scheduled by something that did not know the task: store the registered limit,
-        # as a worker does.
-        store.raise_max_attempts([(claim, definition.retry.max_attempts)])
-    progress = TaskProgress(
-        claim.id, lambda pct: _write_progress(lilota, claim, pct), threading.Event()
-    )
-    context: Any = None
-    if definition.context_param is not None:
-        from lilota.context import TaskContext
-
-        context = TaskContext.for_claim(
-            claim, progress=progress, store=store, registry=lilota.registry
-        )
-    logger.debug("inline: task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
-    try:
-        outcome = run_task(definition, claim, progress=progress, context=context, clock=store.clock)
-    except BaseException as error:
-        # KeyboardInterrupt, or pytest.fail()/skip() called inside the task: record the task
-        # as failed (not left running) and let it go on.
-        store.finish([failure_outcome(claim, definition, error, store.clock())])
-        raise
-    if retry_now and outcome.status == TaskStatus.PENDING.value and outcome.run_at is not None:
-        outcome = dataclasses.replace(outcome, run_at=store.clock())
-    if not store.finish([outcome]):
-        logger.warning("inline: the outcome of task %d was not recorded", claim.id)
-    task = store.get(claim.id)
-    if task is None:
-        raise LookupError(f"task {claim.id} disappeared while it ran inline")
-    return task
-
-
 def _inline_names(lilota: Lilota, names: str | Iterable[str] | None) -> frozenset[str]:
     from lilota.errors import ConfigurationError
 
@@ -1160,7 +1110,7 @@ def run_pending(
     """Run the due pending tasks of ``lilota``'s registry in this thread, until none is left.
 
     Each task is claimed from the database like a worker claims it (highest priority
-    first, then run_at, then id), run by the worker's own code (``lilota.worker.run_task``:
+    first, then run_at, then id), run by the worker's own code (``WorkerLoop.run_once``:
     input rebuilt as the input model, ``TaskProgress`` writing to the database,
     ``TaskContext``), and its outcome recorded: output, or the exception with its
     traceback, or a retry. Tasks scheduled meanwhile (follow-ups from ``ctx.schedule``)
@@ -1186,17 +1136,31 @@ def run_pending(
         raise ValueError(f"limit must be >= 0, got {limit!r}")
     store = lilota.store
     store.ensure_schema()
+    import dataclasses
     from datetime import timedelta
 
-    lease = timedelta(seconds=_INLINE_LEASE_SECONDS)
+    from lilota.settings import WorkerSettings
+    from lilota.worker import WorkerLoop
+
+    settings = WorkerSettings(lease=timedelta(seconds=_INLINE_LEASE_SECONDS))
     worker_id = f"inline:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    loop = WorkerLoop(store, lilota.registry, settings, worker_id=worker_id)
+
+    def due_now(outcome: Outcome) -> Outcome:
+        if outcome.status == "pending" and outcome.run_at is not None:
+            return dataclasses.replace(outcome, run_at=store.clock())
+        return outcome
+
     cap = limit if limit is not None else max_runs
     runs: list[Task] = []
     while len(runs) < cap:
-        claims = store.claim(worker_id=worker_id, names=wanted, limit=1, lease=lease)
-        if not claims:
+        outcomes = loop.run_once(limit=1, names=wanted, adjust=due_now if retry_now else None)
+        if not outcomes:
             return runs
-        runs.append(_run_claim(lilota, claims[0], retry_now=retry_now))
+        task = store.get(outcomes[0].id)
+        if task is None:
+            raise LookupError(f"task {outcomes[0].id} disappeared while it ran inline")
+        runs.append(task)
     if limit is None and store.has_runnable(wanted):
         counts = collections.Counter(task.name for task in runs)
         pytest.fail(

@@ -52,9 +52,9 @@ from hypothesis.stateful import (
 
 from conftest import FakeClock
 from lilota.errors import TaskAlreadyFinished
+from lilota.execution import failed as failure_outcome
 from lilota.registry import RetryPolicy, TaskDefinition
 from lilota.store import Claim, NewTask, Outcome, TaskStore
-from lilota.worker import failure_outcome
 
 LEASE = timedelta(seconds=30)
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (

@@ -1,7 +1,7 @@
 """Task inputs and outputs survive a trip through the real store, on SQLite and PostgreSQL.
 
 The path is the one a scheduled task takes: ``Lilota.schedule()`` (``serialization.prepare``
-and ``TaskStore.add``), ``TaskStore.claim``, then the worker's ``run_task`` (``build(loads(
+and ``TaskStore.add``), ``TaskStore.claim``, then the worker's ``execution.execute`` (``build(loads(
 claim.input), input_model)``: what the task function receives) and ``TaskStore.finish`` of its
 return value, read back with ``TaskStore.get``.
 
@@ -66,11 +66,9 @@ from test_serialization_properties import (
     same,
 )
 
-from lilota import Lilota
+from lilota import Lilota, execution
 from lilota.errors import InvalidInput, SerializationError
-from lilota.models import TaskProgress
 from lilota.serialization import build, dumps, loads, prepare
-from lilota.worker import run_task
 
 LEASE = timedelta(seconds=30)
 
@@ -126,7 +124,8 @@ def trip(app: Lilota, value: Any, model: type | None) -> tuple[Any, Any]:
 
     definition = app.registry.find(name)
     assert definition is not None
-    outcome = run_task(definition, claim, progress=TaskProgress(task_id, lambda _: None))
+    call = execution.prepare(claim, definition, store=store, write_progress=lambda _: None)
+    outcome = execution.execute(call)
     assert outcome.status == "completed", outcome.exception
     assert len(received) == 1
 

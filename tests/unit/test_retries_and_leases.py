@@ -12,16 +12,12 @@ import pytest
 from conftest import FakeClock
 from lilota import Lilota
 from lilota.errors import ConfigurationError, InvalidInput, SerializationError
+from lilota.execution import cancelled_while_running as cancelled_outcome
+from lilota.execution import failed as failure_outcome
 from lilota.models import TaskStatus
 from lilota.registry import DEFAULT_MAX_ATTEMPTS, MAX_RETRY_DELAY, Registry, RetryPolicy
+from lilota.settings import ENV_CANCEL_GRACE_SECONDS, ENV_LEASE_SECONDS, WorkerSettings
 from lilota.store import Claim, NewTask, Outcome, TaskStore
-from lilota.worker import (
-    ENV_CANCEL_GRACE_SECONDS,
-    ENV_LEASE_SECONDS,
-    WorkerSettings,
-    cancelled_outcome,
-    failure_outcome,
-)
 
 LEASE = timedelta(seconds=30)
 

@@ -11,8 +11,8 @@ from conftest import FakeClock
 from lilota.errors import ConfigurationError, RegistrationError
 from lilota.registry import Registry
 from lilota.schedules import Crontab, Every, TickPlanner, TickThread, crontab, every, schedule_key
+from lilota.settings import ENV_ASYNC_CONCURRENCY, WorkerSettings
 from lilota.store import TaskStore
-from lilota.worker import ENV_ASYNC_CONCURRENCY, WorkerSettings
 
 # --------------------------------------------------------------------------- every
 

@@ -10,8 +10,9 @@ from typing import Any
 from lilota.errors import DatabaseUnavailable
 from lilota.models import TaskProgress, TaskStatus
 from lilota.registry import Registry
+from lilota.settings import WorkerSettings
 from lilota.store import NewTask, TaskStore
-from lilota.worker import WorkerLoop, WorkerSettings
+from lilota.worker import WorkerLoop
 
 
 class OutageStore:
@@ -52,7 +53,7 @@ def make_loop(store: TaskStore) -> tuple[WorkerLoop, OutageStore, Callable[[], N
         claims = store.claim(
             worker_id=loop.worker_id, names=["step"], limit=10, lease=WorkerSettings().lease
         )
-        loop._run_batch(claims)
+        loop._run_claims(claims, None)
 
     return loop, outage, claim_all
 
@@ -64,12 +65,12 @@ def test_tasks_that_end_while_the_database_is_away_are_recorded_when_it_is_back(
     loop, outage, run_claimed = make_loop(store)
     outage.down = True
     run_claimed()  # neither the progress writes nor the flushes stop the batch
-    assert sorted(o.id for o in loop._unrecorded) == ids
-    assert all(o.status == "completed" for o in loop._unrecorded)
+    assert sorted(o.id for o in loop.ledger.unrecorded) == ids
+    assert all(o.status == "completed" for o in loop.ledger.unrecorded)
     assert store.count_by_status()["running"] == 3
     outage.down = False
-    loop._flush()
+    loop.flush()
     tasks = store.get_many(ids)
     assert [tasks[i].status for i in ids] == [TaskStatus.COMPLETED] * 3
     assert [tasks[i].output for i in ids] == [0, 1, 2]
-    assert loop._unrecorded == []
+    assert loop.ledger.unrecorded == []

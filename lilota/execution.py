@@ -1,0 +1,257 @@
+"""One way to run a claimed task: prepare the call, execute it, and the outcome rules.
+
+Every place that runs a task goes through here: the worker's sync lane, its async lane,
+the ``cpu_bound`` pool processes, and ``lilota.testing``'s inline mode (through
+:meth:`lilota.worker.WorkerLoop.run_once`). The steps:
+
+1. :func:`prepare` builds what the function is handed: the :class:`TaskProgress` that
+   writes to the store, the :class:`~lilota.context.TaskContext`, and the input rebuilt
+   as the task's ``input_model``.
+2. :func:`execute` (a plain function; a coroutine function runs in ``asyncio.run``) or
+   :func:`execute_async` (on a running event loop) calls it and turns what happened
+   into an :class:`~lilota.models.Outcome`; they never raise for what the task did.
+3. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
+   :func:`cancelled`, ...): the only places an Outcome of a run is made, and every error
+   record comes from :meth:`lilota.models.TaskError.from_exception`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from lilota import serialization
+from lilota.errors import InvalidInput, SerializationError, TaskCancelled, TaskTimeout
+from lilota.models import TaskError, TaskProgress, TaskStatus
+from lilota.store import Claim, Outcome
+
+if TYPE_CHECKING:
+    from lilota.registry import Registry, TaskDefinition
+    from lilota.store import TaskStore
+
+log = logging.getLogger(__name__)
+
+COMPLETED = TaskStatus.COMPLETED.value
+FAILED = TaskStatus.FAILED.value
+CANCELLED = TaskStatus.CANCELLED.value
+PENDING = TaskStatus.PENDING.value
+
+
+# ---------------------------------------------------------------------- outcome rules
+
+
+def completed(claim: Claim, output: str | None) -> Outcome:
+    """The attempt returned; ``output`` is its JSON text."""
+    return Outcome(id=claim.id, attempt=claim.attempt, status=COMPLETED, output=output)
+
+
+def failed(
+    claim: Claim, definition: TaskDefinition | None, error: BaseException, now: datetime
+) -> Outcome:
+    """The attempt raised ``error``: a retry at ``now`` + the retry delay while attempts
+    are left (and the error is worth retrying), else failed."""
+    record = TaskError.from_exception(error).to_json()
+    # An input that cannot be read or does not fit the model fails the same way each time.
+    retriable = isinstance(error, Exception) and not isinstance(
+        error, (SerializationError, InvalidInput)
+    )
+    limit = max(claim.max_attempts, definition.retry.max_attempts if definition else 1)
+    if definition is not None and retriable and claim.attempt < limit:
+        delay = definition.retry.delay_after(claim.attempt)
+        return Outcome(
+            id=claim.id, attempt=claim.attempt, status=PENDING, exception=record, run_at=now + delay
+        )
+    return Outcome(id=claim.id, attempt=claim.attempt, status=FAILED, exception=record)
+
+
+def cancelled(claim: Claim, error: BaseException, output: str | None = None) -> Outcome:
+    """The attempt ended because it was cancelled (never retried)."""
+    record = TaskError.from_exception(error).to_json()
+    return Outcome(
+        id=claim.id, attempt=claim.attempt, status=CANCELLED, output=output, exception=record
+    )
+
+
+def cancelled_before_start(claim: Claim) -> Outcome:
+    """A claimed task whose cancellation was requested before it started: not run."""
+    return cancelled(claim, TaskCancelled(f"task {claim.id} was cancelled before it started"))
+
+
+def cancelled_while_running(outcome: Outcome) -> Outcome:
+    """The outcome of an attempt that was told to stop: cancelled, whether the task then
+    ended early, raised, or finished its work anyway (its return value is kept), and never
+    retried: whoever cancelled it does not want it run again."""
+    if outcome.status == CANCELLED:
+        return outcome
+    how = "returned" if outcome.status == COMPLETED else "raised"
+    if outcome.exception is not None:
+        raised = json.loads(outcome.exception)
+        how = f"raised {raised.get('type')}: {raised.get('message')}"
+    error = TaskCancelled(f"task {outcome.id} was cancelled while it ran; it then {how}")
+    record = TaskError.from_exception(error).to_json()
+    return Outcome(
+        id=outcome.id,
+        attempt=outcome.attempt,
+        status=CANCELLED,
+        output=outcome.output,
+        exception=record,
+    )
+
+
+def timed_out(
+    claim: Claim,
+    definition: TaskDefinition,
+    now: datetime,
+    *,
+    ignored_cancel: bool = False,
+) -> Outcome:
+    """The attempt overran its timeout (``ignored_cancel``: and did not end when it was
+    cancelled for it); retried like any other failure."""
+    seconds = definition.timeout.total_seconds() if definition.timeout else 0.0
+    message = f"task {claim.id} ({claim.name}) ran longer than its timeout of {seconds:g} s"
+    if ignored_cancel:
+        message += " and did not end when cancelled"
+    return failed(claim, definition, TaskTimeout(message), now)
+
+
+def did_not_stop(claim: Claim, grace: timedelta) -> Outcome:
+    """The attempt was cancelled and did not stop within ``grace``: it is ended."""
+    seconds = grace.total_seconds()
+    error = TaskCancelled(f"task {claim.id} was cancelled and did not stop within {seconds:g} s")
+    return cancelled(claim, error)
+
+
+# ---------------------------------------------------------------------- running a task
+
+
+@dataclass(frozen=True)
+class Call:
+    """A claimed task ready to run: its definition and what its function is handed."""
+
+    claim: Claim
+    definition: TaskDefinition
+    progress: TaskProgress
+    context: Any
+    clock: Callable[[], datetime]
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.progress.cancelled
+
+
+def prepare(
+    claim: Claim,
+    definition: TaskDefinition,
+    *,
+    store: TaskStore,
+    registry: Registry | None = None,
+    write_progress: Callable[[int], None] | None = None,
+    cancel_event: threading.Event | None = None,
+) -> Call:
+    """Build the progress handle and the context for one run of ``claim``.
+
+    Progress goes to ``write_progress`` (default: :func:`progress_writer` on ``store``);
+    ``cancel_event`` is the flag the task's ``cancelled`` reads.
+    """
+    write = write_progress if write_progress is not None else progress_writer(store, claim)
+    progress = TaskProgress(claim.id, write, cancel_event or threading.Event())
+    context = None
+    if definition.context_param is not None:
+        from lilota.context import TaskContext
+
+        context = TaskContext.for_claim(claim, progress=progress, store=store, registry=registry)
+    return Call(claim, definition, progress, context, store.clock)
+
+
+def progress_writer(store: TaskStore, claim: Claim) -> Callable[[int], None]:
+    """Write progress of ``claim`` to ``store``; never fails the task (progress is for
+    people watching): a write that cannot be made is logged."""
+    from lilota.errors import DatabaseError
+
+    def write(percentage: int) -> None:
+        try:
+            recorded = store.set_progress(claim.id, claim.attempt, percentage)
+        except DatabaseError as e:
+            log.warning("task %d: progress %d%% not recorded: %s", claim.id, percentage, e)
+            return
+        if not recorded:
+            log.warning(
+                "task %d: progress %d%% not recorded: this attempt no longer holds it",
+                claim.id,
+                percentage,
+            )
+
+    return write
+
+
+def _arguments(call: Call) -> dict[str, Any]:
+    definition = call.definition
+    value = serialization.build(serialization.loads(call.claim.input), definition.input_model)
+    return definition.call_arguments(value, call.progress, call.context)
+
+
+def _ended(call: Call, result: Any) -> Outcome:
+    output = serialization.dumps(result, model=call.definition.output_model, root="output")
+    return completed(call.claim, output)
+
+
+def _raised(call: Call, error: BaseException) -> Outcome:
+    claim = call.claim
+    if isinstance(error, TaskCancelled):
+        return cancelled(claim, error)
+    log.info("task %d (%s) attempt %d raised %r", claim.id, claim.name, claim.attempt, error)
+    return failed(claim, call.definition, error, call.clock())
+
+
+def _finish(call: Call, outcome: Outcome) -> Outcome:
+    if call.cancel_requested:  # told to stop: cancelled, however it ended
+        return cancelled_while_running(outcome)
+    return outcome
+
+
+def execute(call: Call) -> Outcome:
+    """Run ``call`` in this thread and return its outcome (never raises for what the task
+    does; ``KeyboardInterrupt`` and other ``BaseException`` pass through)."""
+    try:
+        kwargs = _arguments(call)
+        if call.definition.is_async:
+            result = asyncio.run(call.definition.func(**kwargs))
+        else:
+            result = call.definition.func(**kwargs)
+        outcome = _ended(call, result)
+    except (Exception, SystemExit) as error:
+        outcome = _raised(call, error)
+    return _finish(call, outcome)
+
+
+async def execute_async(call: Call) -> Outcome:
+    """Await ``call`` (an ``async def`` task) on the running loop and return its outcome.
+    ``asyncio.CancelledError`` (a timeout or a forced cancellation) passes through."""
+    try:
+        result = await call.definition.func(**_arguments(call))
+        outcome = _ended(call, result)
+    except (Exception, SystemExit) as error:
+        outcome = _raised(call, error)
+    return _finish(call, outcome)
+
+
+__all__ = [
+    "Call",
+    "cancelled",
+    "cancelled_before_start",
+    "cancelled_while_running",
+    "completed",
+    "did_not_stop",
+    "execute",
+    "execute_async",
+    "failed",
+    "prepare",
+    "progress_writer",
+    "timed_out",
+]

@@ -1,0 +1,124 @@
+"""WorkerSettings: the tuning of a worker, built and validated once.
+
+:class:`~lilota.core.Lilota` (or a :class:`~lilota.worker.LilotaWorker` started by hand)
+builds the settings from its arguments and the user's environment, which refuses a bad
+value at once with a :class:`~lilota.errors.ConfigurationError`; a supervisor ships them
+to its worker processes as one JSON value in ``LILOTA_WORKER_SETTINGS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from lilota.errors import ConfigurationError, require_int
+
+ENV_SETTINGS = "LILOTA_WORKER_SETTINGS"  # WorkerSettings as JSON, built once by the parent
+# Settings a user may give in the environment (documented in the README).
+ENV_LEASE_SECONDS = "LILOTA_LEASE_SECONDS"
+ENV_CANCEL_GRACE_SECONDS = "LILOTA_CANCEL_GRACE_SECONDS"
+ENV_ASYNC_CONCURRENCY = "LILOTA_ASYNC_CONCURRENCY"
+ENV_CPU_BOUND_PROCESSES = "LILOTA_CPU_BOUND_PROCESSES"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """Tuning of a worker. The defaults suit tasks from milliseconds to hours.
+
+    Built and validated once (by :class:`~lilota.core.Lilota` or :class:`LilotaWorker`)
+    and shipped to worker processes as one JSON value (:meth:`to_json`)."""
+
+    # How long a claim lasts without renewal. A worker that dies keeps its tasks this long
+    # at most; live workers look for expired leases every max(heartbeat, lease/6), so its
+    # tasks are pending again within 1.2 leases (35 s). Shorter recovers faster but a
+    # stalled (swapping, paused) machine loses tasks it is still running; 30 s survives
+    # long GC pauses and slow disks.
+    lease: timedelta = timedelta(seconds=30)
+    # How often leases are renewed (and cancellation requests noticed) while tasks run.
+    # Must stay well under ``lease``: a third of it leaves two chances before expiry.
+    heartbeat: timedelta = timedelta(seconds=1)
+    # Longest idle wait between two looks for work when no wake-up arrives: only a
+    # safety net for lost notifications, never the normal path.
+    idle_poll: float = 5.0
+    # Time a running task gets to end by itself after cancellation is requested (it is
+    # told within a heartbeat), before its process is replaced. 10 s lets a task finish
+    # the step it is in; LILOTA_CANCEL_GRACE_SECONDS or Lilota(cancel_grace=) change it.
+    cancel_grace: timedelta = timedelta(seconds=10)
+    # Async tasks one worker process runs at once on its event loop. 10 keeps a burst of
+    # I/O-bound tasks from opening more connections to other services than a typical
+    # pool allows; raise it for tasks that mostly wait (100s are fine for one loop).
+    async_concurrency: int = 10
+    # Processes of a worker's pool for cpu_bound tasks. 1 per worker process: with the
+    # default of one worker process per core, that is already one more process per core.
+    cpu_bound_processes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lease <= timedelta(seconds=0):
+            raise ConfigurationError(f"lease must be positive, got {self.lease}")
+        if self.heartbeat * 2 > self.lease:
+            raise ConfigurationError(
+                f"heartbeat ({self.heartbeat}) must be at most half the lease ({self.lease})"
+            )
+        if self.cancel_grace < timedelta(0):
+            raise ConfigurationError(f"cancel_grace must be >= 0, got {self.cancel_grace}")
+        for option in ("async_concurrency", "cpu_bound_processes"):
+            require_int(getattr(self, option), option, 1, ConfigurationError)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> WorkerSettings:
+        """Settings from ``overrides`` (None: not given), else the environment: the
+        settings a parent shipped (``LILOTA_WORKER_SETTINGS``), else the user's
+        ``LILOTA_LEASE_SECONDS`` and friends, else the defaults. A lease without a
+        heartbeat brings a heartbeat of a third of it (at most 1 s)."""
+        shipped = os.environ.get(ENV_SETTINGS)
+        values = cls.from_json(shipped).as_values() if shipped else _user_env()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "lease" in given and "heartbeat" not in given:
+            given["heartbeat"] = _heartbeat_for(given["lease"])
+        return cls(**{**values, **given})
+
+    def as_values(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The settings as one JSON value (durations in seconds), for a worker process."""
+        values = self.as_values()
+        return json.dumps(
+            {k: v.total_seconds() if isinstance(v, timedelta) else v for k, v in values.items()}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSettings:
+        values = json.loads(text)
+        for name in ("lease", "heartbeat", "cancel_grace"):
+            values[name] = timedelta(seconds=values[name])
+        return cls(**values)
+
+
+def _heartbeat_for(lease: timedelta) -> timedelta:
+    return timedelta(seconds=min(1.0, lease.total_seconds() / 3))
+
+
+def _user_env() -> dict[str, Any]:
+    """The settings a user put in the environment."""
+    values: dict[str, Any] = {}
+    lease = os.environ.get(ENV_LEASE_SECONDS)
+    if lease:
+        values["lease"] = timedelta(seconds=float(lease))
+        values["heartbeat"] = _heartbeat_for(values["lease"])
+    grace = os.environ.get(ENV_CANCEL_GRACE_SECONDS)
+    if grace:
+        values["cancel_grace"] = timedelta(seconds=float(grace))
+    for option, variable in (
+        ("async_concurrency", ENV_ASYNC_CONCURRENCY),
+        ("cpu_bound_processes", ENV_CPU_BOUND_PROCESSES),
+    ):
+        if os.environ.get(variable):
+            values[option] = int(os.environ[variable])
+    return values
+
+
+__all__ = ["ENV_SETTINGS", "WorkerSettings"]
