@@ -53,6 +53,9 @@ log "ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 
+log "import contracts (lint-imports)"
+"$VENV/bin/lint-imports"
+
 log "mypy --strict"
 "$VENV/bin/mypy"
 
