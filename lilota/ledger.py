@@ -79,6 +79,10 @@ class Ledger:
         with self._lock:
             return self._queued.popleft() if self._queued else None
 
+    def has_queued(self) -> bool:
+        with self._lock:
+            return bool(self._queued)
+
     def take_queued(self) -> list[Claim]:
         with self._lock:
             claims = list(self._queued)

@@ -272,7 +272,8 @@ class WorkerLoop:
                 outcome = self._run_one(claim, adjust)
                 if outcome is not None:
                     outcomes.append(outcome)
-                if time.monotonic() - batch_started > FLUSH_AFTER:
+                # The last outcome of a batch is recorded by the next claim, in its commit.
+                if self.ledger.has_queued() and time.monotonic() - batch_started > FLUSH_AFTER:
                     with contextlib.suppress(DatabaseError):  # kept; the next claim records them
                         self.flush()
                     batch_started = time.monotonic()
