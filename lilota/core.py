@@ -347,7 +347,9 @@ class Lilota:
         Raises, writing nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown
         name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
         input that does not fit the input model, :class:`~lilota.errors.SerializationError`
-        for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`.
+        for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`,
+        and ``ValueError`` for a bad argument (``run_at`` with ``delay``, a ``priority``
+        that is not an int...). The checks are :func:`lilota.registry.new_task`'s.
         """
         self._check_open()
         task = new_task(
