@@ -43,6 +43,10 @@ MAX_RETRY_DELAY = timedelta(hours=1)
 # registered with max_attempts=1.
 DEFAULT_MAX_ATTEMPTS = 3
 
+# Longest unique_key: the width of its column (String(255) in lilota.store), checked here so
+# that every backend refuses a longer key alike (SQLite would store it, PostgreSQL not).
+MAX_UNIQUE_KEY = 255
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
@@ -396,9 +400,11 @@ def _check_options(priority: object, unique_key: object, description: object) ->
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ValueError(f"priority must be an int, got {priority!r}")
     if unique_key is not None and (
-        not isinstance(unique_key, str) or not 0 < len(unique_key) <= 255
+        not isinstance(unique_key, str) or not 0 < len(unique_key) <= MAX_UNIQUE_KEY
     ):
-        raise ValueError(f"unique_key must be a string of 1-255 characters, got {unique_key!r}")
+        raise ValueError(
+            f"unique_key must be a string of 1-{MAX_UNIQUE_KEY} characters, got {unique_key!r}"
+        )
     if description is not None and not isinstance(description, str):
         raise InvalidInput(
             f"description must be a string or None, got {type(description).__name__}"
