@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lilota import serialization
-from lilota.errors import TaskNotRegistered
 from lilota.models import TaskProgress
+from lilota.registry import new_task
 
 if TYPE_CHECKING:
     from lilota.registry import Registry
@@ -91,28 +90,19 @@ class TaskContext:
 
         The input is checked against the task's input model when this worker knows the
         task; a name this worker does not know is stored as given, for other workers.
+        Raises as ``Lilota.schedule`` does, writing nothing.
         """
-        from lilota.store import NewTask
-
-        definition = self._registry.find(name) if self._registry is not None else None
-        if not isinstance(name, str):
-            raise TaskNotRegistered(f"a task name is a string, got {name!r}")
-        if definition is not None:
-            text = serialization.prepare(input, definition.input_model, root="input")
-        else:
-            text = serialization.dumps(input, root="input")
-        if delay is not None:
-            run_at = self._store.clock() + delay
-        return self._store.add(
-            NewTask(
-                name=name,
-                input=text,
-                run_at=run_at,
-                priority=priority,
-                unique_key=unique_key,
-                max_attempts=definition.retry.max_attempts if definition is not None else 1,
-            )
+        task = new_task(
+            name,
+            input,
+            registry=self._registry,
+            clock=self._store.clock,
+            run_at=run_at,
+            delay=delay,
+            priority=priority,
+            unique_key=unique_key,
         )
+        return self._store.add(task)
 
     # seed 004's spelling: ctx.task_manager.queue("name", **params)
     @property

@@ -13,12 +13,11 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from lilota import serialization
-from lilota.errors import ConfigurationError, LilotaStopped, TaskNotRegistered, require_int
+from lilota.errors import ConfigurationError, LilotaStopped, require_int
 from lilota.models import Task, TaskStatus
-from lilota.registry import Registry, TaskDefinition
+from lilota.registry import Registry, new_task
 from lilota.settings import ENV_SETTINGS, WorkerSettings
-from lilota.store import NewTask, TaskStore, is_memory_sqlite, parse_url
+from lilota.store import TaskStore, is_memory_sqlite, parse_url
 from lilota.supervisor import (
     BOOT_INSTANCE_ARGV,
     BOOT_SCRIPT_ARGV,
@@ -300,65 +299,17 @@ class Lilota:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _known_names(self) -> frozenset[str]:
+    def _known_names(self) -> frozenset[str] | None:
+        """The names schedule() accepts; None (any name) when this instance knows no tasks
+        (a scheduler beside workers it does not run): they are stored for those workers."""
         names = self.registry.names
         if self._supervisor is not None:
             names = names | self._supervisor.task_names
-        return names
+        return names or None
 
-    def _new_task(
-        self,
-        name: str,
-        value: Any,
-        *,
-        run_at: datetime | None,
-        delay: timedelta | None,
-        priority: int,
-        unique_key: str | None,
-        description: str | None,
-        max_attempts: int | None,
-    ) -> NewTask:
-        if not isinstance(name, str):
-            raise TaskNotRegistered(f"a task name is a string, got {name!r}")
-        known = self._known_names()
-        definition: TaskDefinition | None = None
-        if known:
-            if name not in known:
-                raise TaskNotRegistered(
-                    f"no task named {name!r} is registered (registered: {', '.join(sorted(known))})"
-                )
-            definition = self.registry.find(name)
-        if definition is not None:
-            text = serialization.prepare(value, definition.input_model, root="input")
-        else:
-            text = serialization.dumps(value, root="input")
-        if run_at is not None and delay is not None:
-            raise ValueError("pass run_at or delay, not both")
-        if run_at is not None and not isinstance(run_at, datetime):
-            raise ValueError(f"run_at must be a datetime, got {run_at!r}")
-        if delay is not None:
-            if not isinstance(delay, timedelta):
-                raise ValueError(f"delay must be a timedelta, got {delay!r}")
-            run_at = self.store.clock() + delay
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an int, got {priority!r}")
-        if unique_key is not None and (
-            not isinstance(unique_key, str) or not 0 < len(unique_key) <= 255
-        ):
-            raise ValueError(f"unique_key must be a string of 1-255 characters, got {unique_key!r}")
-        if max_attempts is None:
-            max_attempts = definition.retry.max_attempts if definition is not None else 1
-        else:
-            require_int(max_attempts, "max_attempts", 1)
-        return NewTask(
-            name=name,
-            input=text,
-            run_at=run_at,
-            priority=priority,
-            max_attempts=max_attempts,
-            description=description,
-            unique_key=unique_key,
-        )
+    def _clock(self) -> datetime:
+        # Looked up when a delay needs it: the store is created on first use.
+        return self.store.clock()
 
     def _check_open(self) -> None:
         if self._stopped:
@@ -388,12 +339,17 @@ class Lilota:
         Raises, writing nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown
         name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
         input that does not fit the input model, :class:`~lilota.errors.SerializationError`
-        for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`.
+        for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`,
+        and ``ValueError`` for a bad argument (``run_at`` with ``delay``, a ``priority``
+        that is not an int...). The checks are :func:`lilota.registry.new_task`'s.
         """
         self._check_open()
-        task = self._new_task(
+        task = new_task(
             name,
             input,
+            registry=self.registry,
+            known_names=self._known_names(),
+            clock=self._clock,
             run_at=run_at,
             delay=delay,
             priority=priority,
@@ -420,15 +376,17 @@ class Lilota:
         Every input is checked first: one bad input raises and none is stored.
         """
         self._check_open()
+        known_names = self._known_names()
         tasks = [
-            self._new_task(
+            new_task(
                 name,
                 value,
+                registry=self.registry,
+                known_names=known_names,
+                clock=self._clock,
                 run_at=run_at,
                 delay=delay,
                 priority=priority,
-                unique_key=None,
-                description=None,
                 max_attempts=max_attempts,
             )
             for value in inputs

@@ -5,19 +5,23 @@ from __future__ import annotations
 import inspect
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, TypeVar, get_type_hints
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from lilota import serialization
 from lilota.errors import (
+    InvalidInput,
     RegistrationError,
     TaskAlreadyRegistered,
     TaskNotRegistered,
     require_int,
 )
 from lilota.models import TaskProgress
+
+if TYPE_CHECKING:
+    from lilota.store import NewTask
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +42,10 @@ MAX_RETRY_DELAY = timedelta(hours=1)
 # never run again once it has started (not idempotent, see the README's "Guarantees") is
 # registered with max_attempts=1.
 DEFAULT_MAX_ATTEMPTS = 3
+
+# Longest unique_key: the width of its column (String(255) in lilota.store), checked here so
+# that every backend refuses a longer key alike (SQLite would store it, PostgreSQL not).
+MAX_UNIQUE_KEY = 255
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,3 +294,118 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+# ---------------------------------------------------------------------- making a task
+
+
+def effective_max_attempts(definition: TaskDefinition | None, stored: int = 1) -> int:
+    """The attempts a task gets: the larger of ``stored`` (its row's max_attempts) and the
+    value registered for it here. A scheduler that did not know the task stored 1, so a
+    worker that knows it raises the limit to what was registered. Without a definition
+    (the task is not registered here) ``stored`` alone counts.
+
+    With the default ``stored=1`` this is the value a new task gets when the caller gives none.
+    """
+    if definition is None:
+        return stored
+    return max(stored, definition.retry.max_attempts)
+
+
+def new_task(
+    name: str,
+    input: Any = None,
+    *,
+    registry: Registry | None = None,
+    known_names: Collection[str] | None = None,
+    clock: Callable[[], datetime] | None = None,
+    run_at: datetime | None = None,
+    delay: timedelta | None = None,
+    priority: int = 0,
+    unique_key: str | None = None,
+    description: str | None = None,
+    max_attempts: int | None = None,
+    schedule_key: str | None = None,
+) -> NewTask:
+    """Check the arguments of one new task and return the row to insert (nothing is written).
+
+    The one way every caller makes a task (``Lilota.schedule``/``schedule_many``,
+    ``TaskContext.schedule``, periodic ticks, the legacy ``TaskRunner.add``). The cheap
+    checks come first, then the input is serialized: with the input model of ``name``
+    when ``registry`` holds it (checked as the worker will rebuild it), else as plain JSON.
+
+    ``known_names``: when given, a name not in it is refused; None accepts any name (it is
+    stored for workers that know it). ``clock`` gives naive UTC now; it is needed (and
+    called) only for a ``delay``. ``max_attempts`` None means the registered value (1 for
+    a task not registered here).
+
+    Raises, in this order: :class:`~lilota.errors.TaskNotRegistered` for a name that is not
+    a string or not known; ``ValueError`` for ``run_at`` with ``delay``, a ``run_at`` that
+    is not a datetime, a ``delay`` that is not a timedelta, a ``priority`` that is not an
+    int, a ``unique_key`` that is not 1-255 characters, a ``max_attempts`` below 1;
+    :class:`~lilota.errors.InvalidInput` for a ``description`` that is not a string;
+    then :class:`~lilota.errors.InvalidInput` and
+    :class:`~lilota.errors.SerializationError` for the input; ``ValueError`` for text no
+    database can store (NUL, lone surrogates).
+    """
+    _check_name(name, known_names)
+    _check_when(run_at, delay)
+    _check_options(priority, unique_key, description)
+    if max_attempts is not None:
+        require_int(max_attempts, "max_attempts", 1)
+    definition = registry.find(name) if registry is not None else None
+    if definition is not None:
+        text = serialization.prepare(input, definition.input_model, root="input")
+    else:
+        text = serialization.dumps(input, root="input")
+    if delay is not None:
+        if clock is None:
+            raise TypeError("new_task() needs a clock to turn a delay into a time")
+        run_at = clock() + delay
+    # NewTask moves to lilota.models (issue 13); this import then becomes a module-level
+    # `from lilota.models import NewTask` and the registry imports nothing from the store.
+    from lilota.store import NewTask
+
+    return NewTask(
+        name=name,
+        input=text,
+        run_at=run_at,
+        priority=priority,
+        max_attempts=effective_max_attempts(definition) if max_attempts is None else max_attempts,
+        description=description,
+        unique_key=unique_key,
+        schedule_key=schedule_key,
+    )
+
+
+def _check_name(name: object, known_names: Collection[str] | None) -> None:
+    if not isinstance(name, str):
+        raise TaskNotRegistered(f"a task name is a string, got {name!r}")
+    if known_names is not None and name not in known_names:
+        raise TaskNotRegistered(
+            f"no task named {name!r} is registered (registered: {', '.join(sorted(known_names))})"
+        )
+
+
+def _check_when(run_at: object, delay: object) -> None:
+    if run_at is not None and delay is not None:
+        raise ValueError("pass run_at or delay, not both")
+    if run_at is not None and not isinstance(run_at, datetime):
+        raise ValueError(f"run_at must be a datetime, got {run_at!r}")
+    if delay is not None and not isinstance(delay, timedelta):
+        raise ValueError(f"delay must be a timedelta, got {delay!r}")
+
+
+def _check_options(priority: object, unique_key: object, description: object) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an int, got {priority!r}")
+    if unique_key is not None and (
+        not isinstance(unique_key, str) or not 0 < len(unique_key) <= MAX_UNIQUE_KEY
+    ):
+        raise ValueError(
+            f"unique_key must be a string of 1-{MAX_UNIQUE_KEY} characters, got {unique_key!r}"
+        )
+    if description is not None and not isinstance(description, str):
+        raise InvalidInput(
+            f"description must be a string or None, got {type(description).__name__}"
+        )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from croniter import croniter
 
 from lilota.errors import DatabaseError, LilotaError
+from lilota.registry import new_task
 
 if TYPE_CHECKING:
     from lilota.store import TaskStore
@@ -274,15 +275,13 @@ class TickThread:
 
         A tick that could not be inserted (database unavailable) stays due: the next call
         tries again, with the then most recent tick."""
-        from lilota.store import NewTask
-
         created = []
         self.failed = False
         for name, tick in self.planner.due(self.store.clock()):
             try:
                 task_id = self.store.add(
-                    NewTask(
-                        name=name,
+                    new_task(
+                        name,
                         run_at=tick,
                         max_attempts=self.max_attempts.get(name, 1),
                         schedule_key=schedule_key(name, tick),
