@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lilota import serialization
 from lilota.errors import InvalidInput, SerializationError, TaskCancelled, TaskTimeout
 from lilota.models import TaskError, TaskProgress, TaskStatus
+from lilota.registry import effective_max_attempts
 from lilota.store import Claim, Outcome
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def failed(
     retriable = isinstance(error, Exception) and not isinstance(
         error, (SerializationError, InvalidInput)
     )
-    limit = max(claim.max_attempts, definition.retry.max_attempts if definition else 1)
+    limit = effective_max_attempts(definition, claim.max_attempts)
     if definition is not None and retriable and claim.attempt < limit:
         delay = definition.retry.delay_after(claim.attempt)
         return Outcome(
