@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lilota.models import TaskProgress
-from lilota.registry import new_task
 
 if TYPE_CHECKING:
-    from lilota.registry import Registry
-    from lilota.store import Claim, TaskStore
+    from lilota.store import Claim
 
 
 class _TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -44,8 +42,8 @@ class TaskContext:
     max_attempts: int
     progress: TaskProgress
     logger: logging.LoggerAdapter  # type: ignore[type-arg]
-    _store: TaskStore
-    _registry: Registry | None = None
+    # Makes and stores a task (lilota.execution gives the store's and registry's).
+    _schedule: Callable[..., int]
 
     @classmethod
     def for_claim(
@@ -53,8 +51,7 @@ class TaskContext:
         claim: Claim,
         *,
         progress: TaskProgress,
-        store: TaskStore,
-        registry: Registry | None = None,
+        schedule: Callable[..., int],
     ) -> TaskContext:
         logger = _TaskLogger(
             logging.getLogger(f"lilota.task.{claim.name}"),
@@ -67,8 +64,7 @@ class TaskContext:
             max_attempts=claim.max_attempts,
             progress=progress,
             logger=logger,
-            _store=store,
-            _registry=registry,
+            _schedule=schedule,
         )
 
     @property
@@ -92,17 +88,9 @@ class TaskContext:
         task; a name this worker does not know is stored as given, for other workers.
         Raises as ``Lilota.schedule`` does, writing nothing.
         """
-        task = new_task(
-            name,
-            input,
-            registry=self._registry,
-            clock=self._store.clock,
-            run_at=run_at,
-            delay=delay,
-            priority=priority,
-            unique_key=unique_key,
+        return self._schedule(
+            name, input, run_at=run_at, delay=delay, priority=priority, unique_key=unique_key
         )
-        return self._store.add(task)
 
     # seed 004's spelling: ctx.task_manager.queue("name", **params)
     @property

@@ -27,9 +27,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lilota import serialization
+from lilota.context import TaskContext
 from lilota.errors import InvalidInput, SerializationError, TaskCancelled, TaskTimeout
 from lilota.models import TaskError, TaskProgress, TaskStatus
-from lilota.registry import effective_max_attempts
+from lilota.registry import effective_max_attempts, new_task
 from lilota.store import Claim, Outcome
 
 if TYPE_CHECKING:
@@ -164,10 +165,20 @@ def prepare(
     progress = TaskProgress(claim.id, write, cancel_event or threading.Event())
     context = None
     if definition.context_param is not None:
-        from lilota.context import TaskContext
-
-        context = TaskContext.for_claim(claim, progress=progress, store=store, registry=registry)
+        schedule = scheduler(store, registry)
+        context = TaskContext.for_claim(claim, progress=progress, schedule=schedule)
     return Call(claim, definition, progress, context, store.clock)
+
+
+def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]:
+    """What ``TaskContext.schedule`` calls: make a task (the input checked against its
+    model when ``registry`` knows the name; an unknown name is stored as given, for
+    other workers) and store it; returns its id."""
+
+    def schedule(name: str, input: Any, **options: Any) -> int:
+        return store.add(new_task(name, input, registry=registry, clock=store.clock, **options))
+
+    return schedule
 
 
 def progress_writer(store: TaskStore, claim: Claim) -> Callable[[int], None]:
@@ -254,5 +265,6 @@ __all__ = [
     "failed",
     "prepare",
     "progress_writer",
+    "scheduler",
     "timed_out",
 ]

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from lilota import serialization
+from lilota.context import TaskContext
 from lilota.errors import (
     InvalidInput,
     RegistrationError,
@@ -102,12 +103,6 @@ class TaskDefinition:
         return kwargs
 
 
-def _context_class() -> type:
-    from lilota.context import TaskContext
-
-    return TaskContext
-
-
 def _special_param(
     params: list[inspect.Parameter], hints: dict[str, Any], cls: type | None, names: tuple[str, ...]
 ) -> str | None:
@@ -142,7 +137,7 @@ def _plan_call(
         hints = {}
 
     progress_param = _special_param(params, hints, TaskProgress, ("task_progress", "progress"))
-    context_param = _special_param(params, hints, _context_class(), ("ctx", "context"))
+    context_param = _special_param(params, hints, TaskContext, ("ctx", "context"))
     if task_progress is not None and progress_param is None:
         # Registered with task_progress=TaskProgress but no parameter is typed or named for
         # it: the seed's convention is that it is the last parameter.

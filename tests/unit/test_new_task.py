@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from lilota import execution
 from lilota.context import TaskContext
 from lilota.errors import InvalidInput, SerializationError, TaskNotRegistered
 from lilota.models import TaskProgress
@@ -131,8 +132,7 @@ def _context(store: TaskStore, registry: Registry) -> TaskContext:
         max_attempts=1,
         progress=TaskProgress(1, lambda _: None),
         logger=logging.LoggerAdapter(logging.getLogger("test"), {}),
-        _store=store,
-        _registry=registry,
+        _schedule=execution.scheduler(store, registry),
     )
 
 
