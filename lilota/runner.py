@@ -356,7 +356,9 @@ class TaskRunner:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             supervisor.stop(timeout=left)
             if self._memory:
-                self._fail_tasks_of(dict.fromkeys(pids, "was killed by TaskRunner.stop()"))
+                self._fail_tasks_of(
+                    dict.fromkeys(pids, "was killed when TaskRunner.stop() timed out")
+                )
             logs.close()
         log.info("TaskRunner stopped")
 
