@@ -85,8 +85,11 @@ class Supervisor:
         startup_timeout: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        on_exit: Callable[[int, int], None] | None = None,
     ) -> None:
         self.argv = list(argv)
+        # Told (pid, exit status) of a worker that exited on its own, before it is replaced.
+        self._on_exit = on_exit
         self.number_of_workers = number_of_workers
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
@@ -277,6 +280,8 @@ class Supervisor:
         now = self._clock()
         if slot.restart_at is None:
             code = process.returncode
+            if self._on_exit is not None:
+                self._on_exit(process.pid, code)
             lived = now - slot.started_at
             if code in (WorkerExit.TASK_TIMEOUT, WorkerExit.CANCEL_FORCED, WorkerExit.LEASE_LOST):
                 log.info(
