@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from lilota import serialization
 from lilota.context import TaskContext
-from lilota.errors import InvalidInput, SerializationError, TaskCancelled, TaskTimeout
+from lilota.errors import (
+    InvalidInput,
+    SerializationError,
+    TaskCancelled,
+    TaskTimeout,
+    WorkerLost,
+)
 from lilota.models import TaskError, TaskProgress, TaskStatus
 from lilota.registry import effective_max_attempts, new_task
 from lilota.store import Claim, Outcome
@@ -120,6 +126,12 @@ def timed_out(
     if ignored_cancel:
         message += " and did not end when cancelled"
     return failed(claim, definition, TaskTimeout(message), now)
+
+
+def worker_lost(task_id: int, attempt: int, message: str) -> Outcome:
+    """The process running the attempt ended under it: failed with ``WorkerLost``."""
+    record = TaskError.from_exception(WorkerLost(message)).to_json()
+    return Outcome(id=task_id, attempt=attempt, status=FAILED, exception=record)
 
 
 def did_not_stop(claim: Claim, grace: timedelta) -> Outcome:
@@ -267,4 +279,5 @@ __all__ = [
     "progress_writer",
     "scheduler",
     "timed_out",
+    "worker_lost",
 ]

@@ -24,21 +24,19 @@ from multiprocessing.managers import BaseProxy
 from types import TracebackType
 from typing import Any
 
-from lilota import serialization
+from lilota import execution
 from lilota.errors import (
     ConfigurationError,
     DatabaseError,
-    InvalidInput,
     LilotaStopped,
     RegistrationError,
     TaskNotRegistered,
-    WorkerLost,
     require_int,
 )
 from lilota.legacy import ClassRef, LegacyCall, TaskBase, registry_of
-from lilota.models import Task, TaskError, TaskStatus
-from lilota.registry import Registry
-from lilota.store import NewTask, Outcome, TaskStore
+from lilota.models import Task, TaskStatus
+from lilota.registry import Registry, new_task
+from lilota.store import TaskStore
 from lilota.stores import DatabaseTaskStore, MemoryTaskStore
 from lilota.supervisor import Supervisor, is_worker_process
 from lilota.worker import LilotaWorker
@@ -199,12 +197,6 @@ def _database_of(store: object) -> tuple[DatabaseTaskStore, bool]:
     )
 
 
-def _error_text(kind: type[BaseException], message: str) -> str:
-    """An exception column value in the engine's format (see TaskError)."""
-    name = f"{kind.__module__}.{kind.__qualname__}"
-    return json.dumps(TaskError(type=name, message=message).as_dict())
-
-
 class TaskRunner:
     """Runs :class:`TaskBase` tasks in worker processes and records them in a store.
 
@@ -323,12 +315,7 @@ class TaskRunner:
                     continue
                 message = f"worker process {task.pid} running task {task.id} {how}"
                 store.set_progress(task.id, task.attempts, 100)
-                lost = Outcome(
-                    id=task.id,
-                    attempt=task.attempts,
-                    status=TaskStatus.FAILED.value,
-                    exception=_error_text(WorkerLost, message),
-                )
+                lost = execution.worker_lost(task.id, task.attempts, message)
                 if store.finish([lost]):
                     log.error("task %d failed: %s", task.id, message)
         except Exception as e:  # called from the supervisor's thread: never raise there
@@ -415,13 +402,9 @@ class TaskRunner:
             raise TaskNotRegistered(
                 f"no task named {name!r} is registered with this TaskRunner (registered: {known})"
             )
-        if description is not None and not isinstance(description, str):
-            raise InvalidInput(
-                f"description must be a string or None, got {type(description).__name__}"
-            )
-        input_json = serialization.dumps(input, root="input")
         store = self._database.task_store
-        task_id = store.add(NewTask(name=name, input=input_json, description=description))
+        # The earlier release ran a task once: max_attempts=1 whatever the class says.
+        task_id = store.add(new_task(name, input, description=description, max_attempts=1))
         with self._ids_lock:
             self._ids.add(task_id)
             if len(self._ids) > _PRUNE_AT:
