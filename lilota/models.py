@@ -172,6 +172,45 @@ class Task:
             cancel_requested=bool(row.get("cancel_requested")),
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The task as a dict for ``json.dumps``: what ``lilota show --json`` prints and the
+        dashboard's API builds on.
+
+        Times are ISO 8601 strings in UTC (a naive time is taken as UTC), the duration is
+        in seconds, the exception is ``{"type", "message", "traceback"}``. ``input`` and
+        ``output`` are the decoded values as they are: values JSON has no type for (a
+        datetime in an input, say) need the encoder's fallback, such as ``default=str``.
+        """
+
+        def iso(value: datetime | None) -> str | None:
+            aware = _aware(value)
+            return None if aware is None else aware.isoformat()
+
+        duration = self.duration
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "progress": self.progress_percentage,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "description": self.description,
+            "unique_key": self.unique_key,
+            "created_at": iso(self.created_at),
+            "run_at": iso(self.run_at),
+            "started_at": iso(self.start_date_time),
+            "ended_at": iso(self.end_date_time),
+            "duration_seconds": None if duration is None else duration.total_seconds(),
+            "input": self.input,
+            "output": self.output,
+            "exception": None if self.exception is None else self.exception.as_dict(),
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "lease_expires_at": iso(self.lease_expires_at),
+            "cancel_requested": self.cancel_requested,
+        }
+
 
 def check_percentage(percentage: object) -> int:
     """Return ``percentage`` if it is an int in 0..100, else raise a ValueError naming it."""
