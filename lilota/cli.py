@@ -73,6 +73,7 @@ from lilota.render import (
     say,
     watch_task,
 )
+from lilota.settings import DEFAULT_DB_URL, ENV_DB_URL, default_db_url
 from lilota.store import TaskStore, is_memory_sqlite
 from lilota.supervisor import is_worker_process
 
@@ -100,8 +101,6 @@ __all__ = [
     "task_to_dict",
 ]
 
-ENV_DB_URL = "LILOTA_DB_URL"
-DEFAULT_DB_URL = "sqlite:///lilota.db"
 
 # How often `watch` reads the task. Progress is a percentage a person looks at: four
 # reads a second look smooth and cost one indexed primary-key read each.
@@ -194,7 +193,7 @@ def _db_url(args: argparse.Namespace) -> str:
     explicit = getattr(args, "db_url", None)
     if explicit:
         return str(explicit)
-    return os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL
+    return default_db_url()
 
 
 def _open_store(args: argparse.Namespace, *, need_schema: bool = True) -> TaskStore:

@@ -16,7 +16,7 @@ from typing import Any
 from lilota.errors import ConfigurationError, LilotaStopped, require_int
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, new_task
-from lilota.settings import ENV_SETTINGS, WorkerSettings
+from lilota.settings import DEFAULT_DB_URL, ENV_SETTINGS, WorkerSettings, default_db_url
 from lilota.store import TaskStore, is_memory_sqlite, parse_url
 from lilota.supervisor import (
     BOOT_INSTANCE_ARGV,
@@ -30,8 +30,6 @@ from lilota.worker import LilotaWorker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB_URL = "sqlite:///lilota.db"
-ENV_DB_URL = "LILOTA_DB_URL"  # the database when no db_url is given
 
 # Pruning the set of ids this instance scheduled (kept so stop() can wait for them):
 # past this many, finished ones are dropped, so a long-running web app holds only its
@@ -63,7 +61,7 @@ class Lilota:
         cpu_bound_processes: int | None = None,
     ) -> None:
         if db_url is None:
-            db_url = os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL
+            db_url = default_db_url()
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
         if script_path is not None:

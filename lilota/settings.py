@@ -16,6 +16,16 @@ from typing import Any
 
 from lilota.errors import ConfigurationError, require_int
 
+ENV_DB_URL = "LILOTA_DB_URL"  # the database when no db_url is given
+DEFAULT_DB_URL = "sqlite:///lilota.db"  # the zero-set-up default: a file beside the app
+
+
+def default_db_url() -> str:
+    """``$LILOTA_DB_URL``, else ``sqlite:///lilota.db``: the database of every entry point
+    (Lilota, LilotaWorker, the command, the dashboard) that is given none."""
+    return os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL
+
+
 ENV_SETTINGS = "LILOTA_WORKER_SETTINGS"  # WorkerSettings as JSON, built once by the parent
 # Settings a user may give in the environment (documented in the README).
 ENV_LEASE_SECONDS = "LILOTA_LEASE_SECONDS"
@@ -121,4 +131,4 @@ def _user_env() -> dict[str, Any]:
     return values
 
 
-__all__ = ["ENV_SETTINGS", "WorkerSettings"]
+__all__ = ["DEFAULT_DB_URL", "ENV_DB_URL", "ENV_SETTINGS", "WorkerSettings", "default_db_url"]

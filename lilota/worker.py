@@ -44,6 +44,7 @@ from lilota.settings import (
     ENV_LEASE_SECONDS,
     ENV_SETTINGS,
     WorkerSettings,
+    default_db_url,
 )
 from lilota.store import Claim, Outcome, TaskStore, parse_url
 
@@ -384,7 +385,7 @@ class LilotaWorker:
         cancel_grace: timedelta | None = None,
     ) -> None:
         if db_url is None:
-            db_url = os.environ.get("LILOTA_DB_URL") or "sqlite:///lilota.db"
+            db_url = default_db_url()
         self.db_url = db_url
         self.set_progress_manually = set_progress_manually
         self.registry = registry if registry is not None else Registry()

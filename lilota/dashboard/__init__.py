@@ -29,9 +29,8 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
 
 from lilota.dashboard.app import COUNTS_COST_FACTOR as COUNTS_COST_FACTOR
 from lilota.dashboard.app import COUNTS_MIN_AGE as COUNTS_MIN_AGE
-from lilota.dashboard.app import DEFAULT_DB_URL as DEFAULT_DB_URL
 from lilota.dashboard.app import DEFAULT_LIMIT as DEFAULT_LIMIT
-from lilota.dashboard.app import ENV_DB_URL, ENV_TOKEN, create_app, serve
+from lilota.dashboard.app import ENV_TOKEN, create_app, serve
 from lilota.dashboard.app import MAX_ID as MAX_ID
 from lilota.dashboard.app import MAX_LIMIT as MAX_LIMIT
 from lilota.dashboard.app import STATIC_DIR as STATIC_DIR
@@ -45,5 +44,7 @@ from lilota.dashboard.views import JSON as JSON
 from lilota.dashboard.views import PREVIEW_CHARS as PREVIEW_CHARS
 from lilota.dashboard.views import task_detail as task_detail
 from lilota.dashboard.views import task_summary as task_summary
+from lilota.settings import DEFAULT_DB_URL as DEFAULT_DB_URL
+from lilota.settings import ENV_DB_URL
 
 __all__ = ["ENV_DB_URL", "ENV_TOKEN", "create_app", "serve"]

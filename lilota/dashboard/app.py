@@ -52,13 +52,12 @@ from lilota.errors import (
     TaskNotFound,
 )
 from lilota.models import TaskStatus
+from lilota.settings import ENV_DB_URL, default_db_url
 from lilota.store import TaskStore
 
 log = logging.getLogger(__name__)
 
 ENV_TOKEN = "LILOTA_DASHBOARD_TOKEN"
-ENV_DB_URL = "LILOTA_DB_URL"
-DEFAULT_DB_URL = "sqlite:///lilota.db"
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -394,7 +393,7 @@ def create_app(
     token = _checked_token(token)
     owns_store = store is None
     if store is None:
-        store = TaskStore(db_url or os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL)
+        store = TaskStore(db_url or default_db_url())
     dashboard = _Dashboard(store, token, owns_store)
     app = Starlette(
         routes=dashboard.routes(),
@@ -408,7 +407,7 @@ def create_app(
 
 def _store_for(db_url: str | None) -> TaskStore:
     """A store for ``db_url``; a SQLite file must exist (a typo is not a new database)."""
-    store = TaskStore(db_url or os.environ.get(ENV_DB_URL) or DEFAULT_DB_URL)
+    store = TaskStore(db_url or default_db_url())
     path = store.url.database or ""
     local_file = path not in ("", ":memory:") and not path.startswith("file:")
     if store.is_sqlite and local_file and not os.path.exists(path):
