@@ -49,6 +49,7 @@ from lilota.foreground import (
     check_script,
     instance_workers,
     looks_like_script,
+    run_burst,
     run_until_signalled,
     startup_reason,
 )
@@ -365,6 +366,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    if args.burst:
+        return run_burst(args.target, args.db_url)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     lilota, label = _workers_for(args, workers)
     return run_until_signalled(lilota, label, workers)
@@ -450,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log level of this process (default: info)",
+    )
+    p.add_argument(
+        "--burst",
+        action="store_true",
+        help="run the tasks that are due in this process (and those they schedule), then "
+        "exit, as RQ's burst mode: for cron jobs and CI (--workers does not apply)",
     )
 
     p = command("tasks", cmd_tasks, help="list tasks, newest first")

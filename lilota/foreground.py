@@ -23,6 +23,9 @@ from typing import Any
 from lilota.core import Lilota
 from lilota.errors import WorkerStartupError
 from lilota.render import EXIT_OK, CommandError
+from lilota.settings import ENV_DB_URL, default_db_url
+from lilota.supervisor import ENV_SCRIPT, boot_script
+from lilota.worker import ENV_BURST, LilotaWorker
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,31 @@ def instance_workers(target: str, workers: int, db_url: str | None) -> tuple[Lil
 
 
 # ---------------------------------------------------------------------- running
+
+
+def run_burst(target: str, db_url: str | None) -> int:
+    """Run TARGET's due tasks in this process until none is due (``--burst``); returns 0.
+
+    A script runs as ``__main__`` with ``LILOTA_BURST=1``, so its ``worker.start()`` drains
+    and returns; a module's instance gets a worker on its registry here."""
+    if looks_like_script(target):
+        path = check_script(target)
+        os.environ[ENV_DB_URL] = db_url or default_db_url()
+        os.environ[ENV_BURST] = "1"
+        os.environ[ENV_SCRIPT] = path
+        boot_script()
+        return 0
+    instance, label = find_instance(target)
+    if not len(instance.registry):
+        raise CommandError(f"{label} has no registered tasks")
+    worker = LilotaWorker(
+        db_url or instance.db_url,
+        instance.set_progress_manually,
+        registry=instance.registry,
+        lease=instance.lease,
+    )
+    worker.start(burst=True)
+    return 0
 
 
 def run_until_signalled(lilota: Lilota, label: str, workers: int) -> int:

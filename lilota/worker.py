@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # Environment of a worker process started by a supervisor.
 ENV_CONTROL_FD = "LILOTA_CONTROL_FD"  # write end of a pipe: one JSON line "ready"
 ENV_LIFELINE_FD = "LILOTA_LIFELINE_FD"  # read end of a pipe the parent never writes to
+# "1": start() drains what is due, then returns (`lilota worker --burst SCRIPT` sets it).
+ENV_BURST = "LILOTA_BURST"
 
 # A task batch is flushed (outcomes recorded) once this much time passed since it began,
 # so a slow task in a batch of fast ones never hides the others' results. 50 ms is far
@@ -411,11 +413,12 @@ class LilotaWorker:
             self._store = TaskStore(self.db_url)
         return self._store
 
-    def start(self, *, burst: bool = False) -> None:
+    def start(self, *, burst: bool | None = None) -> None:
         """Run tasks in this process until told to stop. Blocks.
 
-        With ``burst``, run the tasks that are due now (and those they schedule), then
-        return, as RQ's burst mode: for cron jobs and CI."""
+        With ``burst`` (default: ``$LILOTA_BURST`` is "1"), run the tasks that are due now
+        (and those they schedule) in this thread, then return, as RQ's burst mode: for
+        cron jobs and CI."""
         from lilota.asynclane import in_pool_process
 
         if in_pool_process():
@@ -423,6 +426,8 @@ class LilotaWorker:
             # functions; it runs them for its worker and must not become a worker itself.
             return
         LilotaWorker.started_in_this_process = True
+        if burst is None:
+            burst = os.environ.get(ENV_BURST) == "1"
         control_fd = os.environ.pop(ENV_CONTROL_FD, None)
         lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
         supervised = control_fd is not None

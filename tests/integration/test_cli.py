@@ -620,3 +620,84 @@ def test_tasks_table_keeps_the_name_in_a_narrow_terminal(lilota_db_url: str) -> 
         done = run_cli("--db-url", lilota_db_url, "tasks", env={"COLUMNS": columns})
         assert done.returncode == 0, done.stderr
         assert "resize-thumbnail" in done.stdout, done.stdout
+
+
+BURST_MODULE = """
+from lilota import Lilota
+from lilota.context import TaskContext
+
+app = Lilota("sqlite:///never-this-one.db")
+
+@app.register("double")
+def double(data):
+    return {"twice": data["n"] * 2}
+
+@app.register("adouble")
+async def adouble(data):
+    return {"twice": data["n"] * 2}
+
+@app.register("fan-out")
+def fan_out(data, ctx: TaskContext):
+    return [ctx.schedule("double", {"n": i}) for i in range(data["n"])]
+"""
+
+BURST_SCRIPT = """
+from lilota.worker import LilotaWorker
+
+worker = LilotaWorker()
+
+@worker.register("double")
+def double(data):
+    return {"twice": data["n"] * 2}
+
+if __name__ == "__main__":
+    worker.start()
+"""
+
+
+def test_worker_burst_runs_what_is_due_and_what_it_schedules_then_exits_0(
+    lilota_db_url: str, tasks: Tasks, tmp_path: Path
+) -> None:
+    (tmp_path / "burst_module.py").write_text(BURST_MODULE)
+    later = tasks.store.add(
+        NewTask(name="double", input='{"n": 1}', run_at=utcnow() + timedelta(hours=1))
+    )
+    ids = [
+        tasks.add("double", {"n": 1}),
+        tasks.add("adouble", {"n": 2}),
+        tasks.add("fan-out", {"n": 3}),
+    ]
+
+    result = run_many(
+        [["worker", "--burst", "burst_module", "--db-url", lilota_db_url]], cwd=tmp_path
+    )[0]
+
+    assert result.returncode == 0, result.stderr
+    assert "ran 6 tasks; none is due now" in result.stderr
+    got = tasks.store.get_many(ids)
+    assert [got[i].output for i in ids[:2]] == [{"twice": 2}, {"twice": 4}]
+    children = got[ids[2]].output
+    assert [t.output for t in tasks.store.get_many(children).values()] == [
+        {"twice": 0},
+        {"twice": 2},
+        {"twice": 4},
+    ]
+    assert tasks.status(later) == "pending"  # not due: left for later
+    assert not (tmp_path / "never-this-one.db").exists()
+
+
+def test_worker_burst_runs_a_script_whose_worker_calls_start(
+    lilota_db_url: str, tasks: Tasks, tmp_path: Path
+) -> None:
+    script = tmp_path / "burst_script.py"
+    script.write_text(BURST_SCRIPT)
+    ids = [tasks.add("double", {"n": n}) for n in range(3)]
+
+    result = run_cli("--db-url", lilota_db_url, "worker", "--burst", str(script))
+
+    assert result.returncode == 0, result.stderr
+    assert [t.output for t in tasks.store.get_many(ids).values()] == [
+        {"twice": 0},
+        {"twice": 2},
+        {"twice": 4},
+    ]

@@ -1,0 +1,129 @@
+"""The parts of a worker process: the sync lane's run_once step, the ledger, the keeper.
+
+Each part is driven here on the real store (both backends), without processes or
+threads: run_once is the same step the worker loop, ``lilota worker --burst`` and
+``lilota.testing``'s inline mode take.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+
+from lilota import execution
+from lilota.errors import WorkerExit
+from lilota.models import TaskStatus
+from lilota.registry import Registry
+from lilota.settings import WorkerSettings
+from lilota.store import NewTask, TaskStore
+from lilota.worker import WorkerLoop
+
+
+class Interrupted(BaseException):
+    """Stands for KeyboardInterrupt (or pytest.fail) raised inside a task."""
+
+
+def make_loop(store: TaskStore) -> WorkerLoop:
+    registry = Registry()
+
+    @registry.register("double")
+    def double(data: dict[str, int]) -> int:
+        return data["n"] * 2
+
+    @registry.register("interrupt")
+    def interrupt() -> None:
+        raise Interrupted("stop everything")
+
+    @registry.register("slow", timeout=timedelta(seconds=1))
+    def slow() -> None:
+        pass
+
+    return WorkerLoop(store, registry, WorkerSettings())
+
+
+def test_run_once_with_nothing_due_returns_nothing(store: TaskStore) -> None:
+    assert make_loop(store).run_once() == []
+
+
+def test_run_once_runs_a_batch_records_it_and_returns_the_outcomes(store: TaskStore) -> None:
+    ids = store.add_many([NewTask(name="double", input=json.dumps({"n": n})) for n in range(3)])
+    loop = make_loop(store)
+
+    outcomes = loop.run_once(limit=10)
+
+    assert [o.id for o in outcomes] == ids
+    tasks = store.get_many(ids)
+    assert [tasks[i].output for i in ids] == [0, 2, 4]
+    assert loop.ledger.held_ids() == set()
+
+
+def test_an_exception_escaping_a_task_is_recorded_then_raised_and_the_rest_given_back(
+    store: TaskStore,
+) -> None:
+    first = store.add(NewTask(name="interrupt", priority=1))
+    second = store.add(NewTask(name="double", input='{"n": 1}'))
+    loop = make_loop(store)
+
+    with pytest.raises(Interrupted):
+        loop.run_once(limit=10, names=["interrupt", "double"])
+
+    failed = store.get(first)
+    assert failed is not None and failed.status == TaskStatus.FAILED
+    assert failed.exception is not None and "stop everything" in failed.exception.message
+    given_back = store.get(second)
+    assert given_back is not None and given_back.status == TaskStatus.PENDING
+    assert loop.ledger.held_ids() == set()
+
+
+def test_a_task_cancelled_before_it_starts_is_not_run(store: TaskStore) -> None:
+    task_id = store.add(NewTask(name="double", input='{"n": 1}'))
+    loop = make_loop(store)
+    loop.ledger.note_cancel_requested([task_id])
+
+    [outcome] = loop.run_once()
+
+    assert outcome.status == "cancelled"
+    task = store.get(task_id)
+    assert task is not None and task.status == TaskStatus.CANCELLED and task.output is None
+
+
+def test_the_ledger_holds_queued_running_and_unrecorded_tasks(store: TaskStore) -> None:
+    store.add_many([NewTask(name="double", input='{"n": 1}') for _ in range(3)])
+    loop = make_loop(store)
+    lease = timedelta(seconds=30)
+    done, running, queued = store.claim(
+        worker_id=loop.worker_id, names=["double"], limit=3, lease=lease
+    )
+    ledger = loop.ledger
+    ledger.queue([queued])
+    assert ledger.start(running, loop.registry.get("double"), "sync") is not None
+    ledger.record(execution.completed(done, "2"))
+
+    assert ledger.held_ids() == {done.id, running.id, queued.id}
+    unrecorded, left, still_running = ledger.take_all()
+    assert ([o.id for o in unrecorded], left, still_running) == ([done.id], [queued], [running])
+    assert ledger.held_ids() == set() and not ledger.busy
+
+
+def test_the_keeper_ends_the_process_for_a_sync_task_past_its_timeout(store: TaskStore) -> None:
+    task_id = store.add(NewTask(name="slow"))
+    loop = make_loop(store)
+    ended: list[WorkerExit] = []
+    loop.keeper._end_process = ended.append
+    [claim] = store.claim(
+        worker_id=loop.worker_id, names=["slow"], limit=1, lease=timedelta(seconds=30)
+    )
+    running = loop.ledger.start(claim, loop.registry.get("slow"), "sync")
+    assert running is not None
+    running.started = time.monotonic() - 2  # past the 1 s timeout
+
+    loop.keeper.enforce_limits()
+
+    assert ended == [WorkerExit.TASK_TIMEOUT]
+    [outcome] = loop.ledger.unrecorded
+    assert (outcome.id, outcome.status) == (task_id, "pending")  # a retry: attempts are left
+    assert "ran longer than its timeout of 1 s" in json.loads(outcome.exception or "")["message"]
+    assert loop.ledger.running() == []
