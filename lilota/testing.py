@@ -87,27 +87,24 @@ steps 2 and 3 (for testing this plugin, or to force a source).
 
 Modules
 -------
-This module is the plugin: options, hooks, fixtures, :func:`wait_for` and the inline mode.
-The server and the databases come from :mod:`lilota.pgcluster` (with :mod:`lilota.pglocal`
-for the local cluster). Everything public of those is importable from here as well.
+This module is the plugin: options, hooks, fixtures and :func:`wait_for`. The server and
+the databases come from :mod:`lilota.pgcluster` (with :mod:`lilota.pglocal` for the local
+cluster); the inline mode lives in :mod:`lilota.inline`. Everything public of those is
+importable from here as well.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import os
 import re
-import socket
-import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from lilota.inline import DEFAULT_MAX_RUNS, eager, run_pending
 from lilota.pgcluster import (
     CONTAINER_IMAGE as CONTAINER_IMAGE,
 )
@@ -146,7 +143,6 @@ from lilota.pgcluster import (
 if TYPE_CHECKING:
     from lilota.core import Lilota
     from lilota.models import Task
-    from lilota.store import Claim
 
 __all__ = [
     "DEFAULT_APP_WORKERS",
@@ -175,12 +171,6 @@ BACKENDS = ("sqlite", "postgres")
 DEFAULT_STOP_TIMEOUT = 30.0
 #: Worker processes of ``lilota_app`` unless ``lilota_app_options`` says otherwise.
 DEFAULT_APP_WORKERS = 2
-#: Most task runs of one ``run_pending()`` call without ``limit``: a guard against tasks that
-#: schedule tasks forever.
-DEFAULT_MAX_RUNS = 1000
-# Inline claims are never renewed: a long lease keeps a real worker on the same database
-# from taking one back while the test runs it.
-_INLINE_LEASE_SECONDS = 3600.0
 
 # --------------------------------------------------------------------------------------------
 # pytest hooks, options and fixtures
@@ -336,16 +326,12 @@ def lilota_db_url(request: pytest.FixtureRequest) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Apps, waiting and inline mode
+# Apps and waiting
 # --------------------------------------------------------------------------------------------
 # ``lilota_app`` runs your tasks in real worker processes on the test database, as in
 # production; ``wait_for`` waits for one task and fails the test with what the task was doing.
-# The inline mode (``run_pending``, ``eager``, ``lilota_inline``) runs pending tasks in the
-# test's own process and thread, through the worker's own ``lilota.worker.run_task``: the
-# same input rebuilding, output and error serialization, TaskProgress (written to the store)
-# and TaskContext (follow-up tasks go to the store and are run too), the same retry outcome.
-# Not enforced inline: task timeouts, and cancellation of a task while it runs (a task
-# cancelled before it is picked up never runs, as with a worker).
+# ``lilota_inline`` gives a Lilota without worker processes for the inline mode
+# (``run_pending``, ``eager``: see ``lilota.inline``).
 
 
 def _unfinished_message(lilota: Lilota, task: Task, timeout: float) -> str:
@@ -405,195 +391,6 @@ def wait_for(lilota: Lilota, task_id: int, timeout: float = 10.0) -> Task:
     if task.is_final:  # it finished between the last look and now
         return task
     pytest.fail(_unfinished_message(lilota, task, timeout), pytrace=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Inline mode
-# --------------------------------------------------------------------------------------------
-
-
-def _write_progress(lilota: Lilota, claim: Claim, percentage: int) -> None:
-    if not lilota.store.set_progress(claim.id, claim.attempt, percentage):
-        logger.warning(
-            "task %d: progress %d%% not recorded: this attempt no longer holds it",
-            claim.id,
-            percentage,
-        )
-
-
-def _run_claim(lilota: Lilota, claim: Claim, *, retry_now: bool) -> Task:
-    """Run one claimed task in this thread as a worker would, record and return it."""
-    import dataclasses
-
-    from lilota.models import TaskProgress, TaskStatus
-    from lilota.worker import failure_outcome, run_task
-
-    store = lilota.store
-    definition = lilota.registry.get(claim.name)
-    if definition.retry.max_attempts > claim.max_attempts:
-        # Scheduled by something that did not know the task: store the registered limit,
-        # as a worker does.
-        store.raise_max_attempts([(claim, definition.retry.max_attempts)])
-    progress = TaskProgress(
-        claim.id, lambda pct: _write_progress(lilota, claim, pct), threading.Event()
-    )
-    context: Any = None
-    if definition.context_param is not None:
-        from lilota.context import TaskContext
-
-        context = TaskContext.for_claim(
-            claim, progress=progress, store=store, registry=lilota.registry
-        )
-    logger.debug("inline: task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
-    try:
-        outcome = run_task(definition, claim, progress=progress, context=context, clock=store.clock)
-    except BaseException as error:
-        # KeyboardInterrupt, or pytest.fail()/skip() called inside the task: record the task
-        # as failed (not left running) and let it go on.
-        store.finish([failure_outcome(claim, definition, error, store.clock())])
-        raise
-    if retry_now and outcome.status == TaskStatus.PENDING.value and outcome.run_at is not None:
-        outcome = dataclasses.replace(outcome, run_at=store.clock())
-    if not store.finish([outcome]):
-        logger.warning("inline: the outcome of task %d was not recorded", claim.id)
-    task = store.get(claim.id)
-    if task is None:
-        raise LookupError(f"task {claim.id} disappeared while it ran inline")
-    return task
-
-
-def _inline_names(lilota: Lilota, names: str | Iterable[str] | None) -> frozenset[str]:
-    from lilota.errors import ConfigurationError
-
-    registered = lilota.registry.names
-    if not registered:
-        raise ConfigurationError(
-            "run_pending runs the tasks registered in this process, and this Lilota has "
-            "none: create it with registry=<your module-level Lilota>.registry (tasks that "
-            "live only in a worker script, script_path=..., cannot run inline)"
-        )
-    if names is None:
-        return registered
-    wanted = frozenset([names] if isinstance(names, str) else names)
-    unknown = wanted - registered
-    if unknown:
-        raise ConfigurationError(
-            f"run_pending: {', '.join(sorted(unknown))} not registered on this Lilota "
-            f"(registered: {', '.join(sorted(registered))})"
-        )
-    return wanted
-
-
-def run_pending(
-    lilota: Lilota,
-    *,
-    names: str | Iterable[str] | None = None,
-    limit: int | None = None,
-    retry_now: bool = True,
-    max_runs: int = DEFAULT_MAX_RUNS,
-) -> list[Task]:
-    """Run the due pending tasks of ``lilota``'s registry in this thread, until none is left.
-
-    Each task is claimed from the database like a worker claims it (highest priority
-    first, then run_at, then id), run by the worker's own code (``lilota.worker.run_task``:
-    input rebuilt as the input model, ``TaskProgress`` writing to the database,
-    ``TaskContext``), and its outcome recorded: output, or the exception with its
-    traceback, or a retry. Tasks scheduled meanwhile (follow-ups from ``ctx.schedule``)
-    are run too. Returns the task as recorded after each run, in run order (a task retried
-    at once appears once per attempt).
-
-    ``names``: only these task names (default: every name of ``lilota.registry``; other
-    tasks stay pending). ``limit``: at most this many runs. ``retry_now``: a task that
-    raises with attempts left gets its retry as with a worker (pending again, the
-    exception recorded), but due at once, so this call runs it until it completes or has
-    used ``max_attempts``; with ``retry_now=False`` the retry is due after its
-    ``retry_delay``, as with a worker, and this call leaves it pending. Tasks whose
-    ``run_at`` is in the future are not run. Without ``limit``, the test fails if more
-    than ``max_runs`` runs would be needed (a task that schedules itself forever).
-
-    Not enforced: the task's ``timeout``, and cancellation while a task runs. ``async``
-    tasks run in ``asyncio.run``: call ``run_pending`` from a synchronous test (or through
-    ``asyncio.to_thread``), not from inside a running event loop.
-    """
-    __tracebackhide__ = True
-    wanted = _inline_names(lilota, names)
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit!r}")
-    store = lilota.store
-    store.ensure_schema()
-    from datetime import timedelta
-
-    lease = timedelta(seconds=_INLINE_LEASE_SECONDS)
-    worker_id = f"inline:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-    cap = limit if limit is not None else max_runs
-    runs: list[Task] = []
-    while len(runs) < cap:
-        claims = store.claim(worker_id=worker_id, names=wanted, limit=1, lease=lease)
-        if not claims:
-            return runs
-        runs.append(_run_claim(lilota, claims[0], retry_now=retry_now))
-    if limit is None and store.has_runnable(wanted):
-        counts = collections.Counter(task.name for task in runs)
-        pytest.fail(
-            f"run_pending ran {len(runs)} tasks and more are still due "
-            f"({', '.join(f'{name}: {n}' for name, n in counts.most_common(5))}): does a task "
-            "schedule itself (or another) on every run? Pass max_runs= if this many is expected",
-            pytrace=False,
-        )
-    return runs
-
-
-@contextlib.contextmanager
-def eager(
-    lilota: Lilota, *, retry_now: bool = True, max_runs: int = DEFAULT_MAX_RUNS
-) -> Iterator[Lilota]:
-    """Within the ``with`` block, ``lilota.schedule()`` and ``schedule_many()`` store the
-    task(s) and then run the due pending tasks inline (:func:`run_pending`) before they
-    return the id(s), like Celery's eager mode. A task that fails is recorded as failed,
-    not raised: read it with ``lilota.get_task_by_id(task_id)``.
-
-    Patches this one instance (for instance your app's module-level ``Lilota``); the
-    original methods come back at the end of the block. A task that schedules through the
-    same instance while it runs inline gets its follow-up run after it, not inside it.
-    ``retry_now`` and ``max_runs`` are those of :func:`run_pending`.
-    """
-    state = threading.local()
-    original_schedule = lilota.schedule
-    original_schedule_many = lilota.schedule_many
-    attributes = vars(lilota)
-    missing = object()
-    saved = {name: attributes.get(name, missing) for name in ("schedule", "schedule_many")}
-
-    def drain() -> None:
-        if getattr(state, "running", False):
-            return  # the run_pending below this one picks the new task up
-        state.running = True
-        try:
-            run_pending(lilota, retry_now=retry_now, max_runs=max_runs)
-        finally:
-            state.running = False
-
-    def schedule(*args: Any, **kwargs: Any) -> int:
-        task_id = original_schedule(*args, **kwargs)
-        drain()
-        return task_id
-
-    def schedule_many(*args: Any, **kwargs: Any) -> list[int]:
-        ids = original_schedule_many(*args, **kwargs)
-        drain()
-        return ids
-
-    _inline_names(lilota, None)  # fail now, not at the first schedule()
-    attributes["schedule"] = schedule
-    attributes["schedule_many"] = schedule_many
-    try:
-        yield lilota
-    finally:
-        for name, value in saved.items():
-            if value is missing:
-                attributes.pop(name, None)
-            else:
-                attributes[name] = value
 
 
 # --------------------------------------------------------------------------------------------
