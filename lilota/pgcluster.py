@@ -202,7 +202,10 @@ class PostgresProvider:
     ``url`` is the admin URL (``postgresql+psycopg://``) and ``kind`` where the server comes
     from: ``"env"`` (``LILOTA_TEST_POSTGRES_URL``), ``"container"`` (Docker) or ``"local"``
     (a throwaway cluster of this process). Per-test databases are cloned from a template
-    database made once (and filled by ``template_setup``, if given).
+    database made once (and filled by ``template_setup``, if given). ``stop()``, ``start()``
+    and ``restart()`` need the local kind (see ``can_control``); for the others they skip
+    the calling test. ``close()`` (also at exit) drops what is left on an ``"env"`` server
+    and stops a server it started.
     """
 
     def __init__(
@@ -244,6 +247,8 @@ class PostgresProvider:
 
     @property
     def template_name(self) -> str:
+        """The template database that per-test databases are cloned from (made on first
+        use, once per provider)."""
         return f"{self._prefix}_template"
 
     def _ensure_template(self) -> str:
@@ -284,6 +289,7 @@ class PostgresProvider:
         self._created.discard(name)
 
     def _require_control(self, action: str) -> LocalPostgresCluster:
+        """The local cluster; skips the calling test (``pytest.skip``) for other kinds."""
         if self._cluster is None:
             import pytest  # only a test calls stop()/start()/restart()
 
@@ -303,6 +309,7 @@ class PostgresProvider:
         self._require_control("start").start()
 
     def restart(self, mode: str = "fast") -> None:
+        """``stop(mode)`` then ``start()``."""
         cluster = self._require_control("restart")
         cluster.stop(mode)
         cluster.start()
