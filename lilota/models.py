@@ -211,3 +211,81 @@ def __getattr__(name: str) -> Any:
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lilota.legacy import TaskBase as TaskBase
+
+
+# The records the store and the workers exchange: here, so that worker types load without
+# the store (and SQLAlchemy).
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A row to insert. ``input`` is JSON text made by :mod:`lilota.serialization`."""
+
+    name: str
+    input: str | None = None
+    run_at: datetime | None = None
+    priority: int = 0
+    max_attempts: int = 1
+    description: str | None = None
+    unique_key: str | None = None
+    schedule_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Before anything is written, so that schedule() refuses these alike on every
+        # backend: PostgreSQL refuses NUL in text columns (SQLite stores it), and no
+        # driver can encode a lone surrogate (a raw UnicodeEncodeError otherwise).
+        for field in ("name", "input", "description", "unique_key", "schedule_key"):
+            _check_text(field, getattr(self, field))
+
+
+def _check_text(field: str, value: object) -> None:
+    """Raise ValueError naming ``field`` if ``value`` cannot be stored in a text column."""
+    if not isinstance(value, str) or (value.isascii() and "\x00" not in value):
+        return
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{field} contains a NUL character ('\\x00') at index {nul}: PostgreSQL cannot "
+            "store it in a text column, so lilota refuses it on every database"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} contains the lone surrogate {value[e.start]!r} at index {e.start}: "
+            "it is not valid Unicode text and no database can store it"
+        ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """A task a worker holds: ``attempt`` fences every later write of this worker."""
+
+    id: int
+    name: str
+    input: str | None
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """The end of one attempt, recorded by :meth:`TaskStore.finish`.
+
+    ``status`` is completed, failed, cancelled, or pending (a retry at ``run_at``).
+    """
+
+    id: int
+    attempt: int
+    status: str
+    output: str | None = None
+    exception: str | None = None
+    run_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseReport:
+    """What a lease renewal learned: tasks still held, and those someone asked to cancel."""
+
+    held: frozenset[int]
+    cancel_requested: frozenset[int]

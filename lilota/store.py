@@ -28,7 +28,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,7 +48,15 @@ from lilota.errors import (
     TaskAlreadyFinished,
     TaskNotFound,
 )
-from lilota.models import FINAL_STATUSES, Task, TaskStatus
+from lilota.models import (
+    FINAL_STATUSES,
+    Claim,
+    LeaseReport,
+    NewTask,
+    Outcome,
+    Task,
+    TaskStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,80 +213,6 @@ def to_naive_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value
     return value.astimezone(timezone.utc).replace(tzinfo=None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class NewTask:
-    """A row to insert. ``input`` is JSON text made by :mod:`lilota.serialization`."""
-
-    name: str
-    input: str | None = None
-    run_at: datetime | None = None
-    priority: int = 0
-    max_attempts: int = 1
-    description: str | None = None
-    unique_key: str | None = None
-    schedule_key: str | None = None
-
-    def __post_init__(self) -> None:
-        # Before anything is written, so that schedule() refuses these alike on every
-        # backend: PostgreSQL refuses NUL in text columns (SQLite stores it), and no
-        # driver can encode a lone surrogate (a raw UnicodeEncodeError otherwise).
-        for field in ("name", "input", "description", "unique_key", "schedule_key"):
-            _check_text(field, getattr(self, field))
-
-
-def _check_text(field: str, value: object) -> None:
-    """Raise ValueError naming ``field`` if ``value`` cannot be stored in a text column."""
-    if not isinstance(value, str) or (value.isascii() and "\x00" not in value):
-        return
-    nul = value.find("\x00")
-    if nul >= 0:
-        raise ValueError(
-            f"{field} contains a NUL character ('\\x00') at index {nul}: PostgreSQL cannot "
-            "store it in a text column, so lilota refuses it on every database"
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"{field} contains the lone surrogate {value[e.start]!r} at index {e.start}: "
-            "it is not valid Unicode text and no database can store it"
-        ) from None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Claim:
-    """A task a worker holds: ``attempt`` fences every later write of this worker."""
-
-    id: int
-    name: str
-    input: str | None
-    attempt: int
-    max_attempts: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outcome:
-    """The end of one attempt, recorded by :meth:`TaskStore.finish`.
-
-    ``status`` is completed, failed, cancelled, or pending (a retry at ``run_at``).
-    """
-
-    id: int
-    attempt: int
-    status: str
-    output: str | None = None
-    exception: str | None = None
-    run_at: datetime | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class LeaseReport:
-    """What a lease renewal learned: tasks still held, and those someone asked to cancel."""
-
-    held: frozenset[int]
-    cancel_requested: frozenset[int]
 
 
 def parse_url(db_url: object) -> URL:
