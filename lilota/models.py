@@ -216,6 +216,8 @@ if TYPE_CHECKING:
 # The records the store and the workers exchange: here, so that worker types load without
 # the store (and SQLAlchemy).
 
+_PENDING = TaskStatus.PENDING.value
+
 
 @dataclass(frozen=True, kw_only=True)
 class NewTask:
@@ -236,6 +238,38 @@ class NewTask:
         # driver can encode a lone surrogate (a raw UnicodeEncodeError otherwise).
         for field in ("name", "input", "description", "unique_key", "schedule_key"):
             _check_text(field, getattr(self, field))
+
+    def to_row(self, now: datetime) -> dict[str, Any]:
+        """The column values of this task as a new pending row, created at ``now`` (naive
+        UTC), due at ``run_at`` or at once."""
+        return {
+            "name": self.name,
+            "status": _PENDING,
+            "input": self.input,
+            "run_at": to_naive_utc(self.run_at) if self.run_at else now,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "description": self.description,
+            "unique_key": self.unique_key,
+            "schedule_key": self.schedule_key,
+            "created_at": now,
+            "attempts": 0,
+            "progress_percentage": 0,
+            "cancel_requested": False,
+        }
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the store's clock unless another one is injected."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def to_naive_utc(value: datetime) -> datetime:
+    """Aware datetimes are converted to UTC; naive ones are taken as UTC already (the
+    store's times are naive UTC)."""
+    if value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _check_text(field: str, value: object) -> None:
