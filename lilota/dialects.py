@@ -164,6 +164,7 @@ class Dialect:
         names = c.name.in_(sa.bindparam("names", expanding=True))
         due = (c.status == PENDING, c.run_at <= sa.bindparam("now"), names)
         running = (c.id, c.attempts, c.max_attempts, c.worker_id, c.cancel_requested)
+        lease_over = (c.status == RUNNING, c.lease_expires_at < sa.bindparam("now"))
         ids = c.id.in_(sa.bindparam("ids", expanding=True))
         order = (c.priority.desc(), c.run_at, c.id)
         runnable = sa.select(c.id).where(*due).order_by(*order).limit(sa.bindparam("limit"))
@@ -239,9 +240,11 @@ class Dialect:
             "running": sa.select(*running).where(c.status == RUNNING, ids),
             # Running attempts whose lease ended before :now, oldest first, a bounded batch.
             "expired": sa.select(*running, c.lease_expires_at)
-            .where(c.status == RUNNING, c.lease_expires_at < sa.bindparam("now"))
+            .where(*lease_over)
             .order_by(c.lease_expires_at)
             .limit(1000),
+            # Is any lease over at :now? (A read: it takes no write lock.)
+            "any_expired": sa.select(c.id).where(*lease_over).limit(1),
             # One task by :id.
             "get": sa.select(t).where(c.id == sa.bindparam("id")),
             # A task's status (to say why a cancel or retry changed nothing).

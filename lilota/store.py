@@ -421,7 +421,7 @@ class TaskStore:
         each row is changed by exactly one. Returns (task id, new status) pairs."""
         # Workers call this every few seconds: on SQLite, look before taking the write lock.
         look = self.dialect.writes_lock_database
-        if look and not self._all(self.sql["expired"].limit(1), {"now": self.clock()}):
+        if look and not self._all(self.sql["any_expired"], {"now": self.clock()}):
             return []
         recovered = self._recover()
         for task_id, status in recovered:
