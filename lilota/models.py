@@ -279,3 +279,115 @@ def __getattr__(name: str) -> Any:
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lilota.legacy import TaskBase as TaskBase
+
+
+# The records the store and the workers exchange: here, so that worker types load without
+# the store (and SQLAlchemy).
+
+_PENDING = TaskStatus.PENDING.value
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A row to insert. ``input`` is JSON text made by :mod:`lilota.serialization`."""
+
+    name: str
+    input: str | None = None
+    run_at: datetime | None = None
+    priority: int = 0
+    max_attempts: int = 1
+    description: str | None = None
+    unique_key: str | None = None
+    schedule_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Before anything is written, so that schedule() refuses these alike on every
+        # backend: PostgreSQL refuses NUL in text columns (SQLite stores it), and no
+        # driver can encode a lone surrogate (a raw UnicodeEncodeError otherwise).
+        for field in ("name", "input", "description", "unique_key", "schedule_key"):
+            _check_text(field, getattr(self, field))
+
+    def to_row(self, now: datetime) -> dict[str, Any]:
+        """The column values of this task as a new pending row, created at ``now`` (naive
+        UTC), due at ``run_at`` or at once."""
+        return {
+            "name": self.name,
+            "status": _PENDING,
+            "input": self.input,
+            "run_at": to_naive_utc(self.run_at) if self.run_at else now,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "description": self.description,
+            "unique_key": self.unique_key,
+            "schedule_key": self.schedule_key,
+            "created_at": now,
+            "attempts": 0,
+            "progress_percentage": 0,
+            "cancel_requested": False,
+        }
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the store's clock unless another one is injected."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def to_naive_utc(value: datetime) -> datetime:
+    """Aware datetimes are converted to UTC; naive ones are taken as UTC already (the
+    store's times are naive UTC)."""
+    if value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _check_text(field: str, value: object) -> None:
+    """Raise ValueError naming ``field`` if ``value`` cannot be stored in a text column."""
+    if not isinstance(value, str) or (value.isascii() and "\x00" not in value):
+        return
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{field} contains a NUL character ('\\x00') at index {nul}: PostgreSQL cannot "
+            "store it in a text column, so lilota refuses it on every database"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} contains the lone surrogate {value[e.start]!r} at index {e.start}: "
+            "it is not valid Unicode text and no database can store it"
+        ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """A task a worker holds: ``attempt`` fences every later write of this worker."""
+
+    id: int
+    name: str
+    input: str | None
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """The end of one attempt, recorded by :meth:`TaskStore.finish`.
+
+    ``status`` is completed, failed, cancelled, or pending (a retry at ``run_at``).
+    """
+
+    id: int
+    attempt: int
+    status: str
+    output: str | None = None
+    exception: str | None = None
+    run_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseReport:
+    """What a lease renewal learned: tasks still held, and those someone asked to cancel."""
+
+    held: frozenset[int]
+    cancel_requested: frozenset[int]
