@@ -38,8 +38,8 @@ from lilota.store import TaskStore
 
 if TYPE_CHECKING:
     from lilota.ledger import Ledger, Running
+    from lilota.models import Claim, Outcome
     from lilota.registry import Registry, TaskDefinition
-    from lilota.store import Claim, Outcome
     from lilota.worker import WorkerSettings
 
 log = logging.getLogger(__name__)

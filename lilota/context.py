@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from lilota.models import TaskProgress
 
 if TYPE_CHECKING:
-    from lilota.store import Claim
+    from lilota.models import Claim
 
 
 class _TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

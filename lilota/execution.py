@@ -35,9 +35,8 @@ from lilota.errors import (
     TaskTimeout,
     WorkerLost,
 )
-from lilota.models import TaskError, TaskProgress, TaskStatus
+from lilota.models import Claim, Outcome, TaskError, TaskProgress, TaskStatus
 from lilota.registry import effective_max_attempts, new_task
-from lilota.store import Claim, Outcome
 
 if TYPE_CHECKING:
     from lilota.registry import Registry, TaskDefinition

@@ -28,8 +28,9 @@ from lilota.errors import DatabaseError, WorkerExit
 from lilota.models import TaskError
 
 if TYPE_CHECKING:
+    from lilota.models import Claim, Outcome
     from lilota.registry import TaskDefinition
-    from lilota.store import Claim, Outcome, TaskStore
+    from lilota.store import TaskStore
 
 log = logging.getLogger(__name__)
 

@@ -257,15 +257,6 @@ def registry_of(
     return registry
 
 
-def __getattr__(name: str) -> Any:
-    # TaskRunner lives in lilota.runner, which imports this module.
-    if name == "TaskRunner":
-        from lilota.runner import TaskRunner
-
-        return TaskRunner
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "TASK_LOGGER",
     "DatabaseTaskStore",
@@ -275,6 +266,5 @@ __all__ = [
     "StoreManager",
     "TaskBase",
     "TaskInfo",
-    "TaskRunner",  # noqa: F822 (see __getattr__)
     "task_logger",
 ]

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from lilota import serialization
 from lilota.context import TaskContext
@@ -19,10 +19,7 @@ from lilota.errors import (
     TaskNotRegistered,
     require_int,
 )
-from lilota.models import TaskProgress
-
-if TYPE_CHECKING:
-    from lilota.store import NewTask
+from lilota.models import NewTask, TaskProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -357,9 +354,6 @@ def new_task(
         if clock is None:
             raise TypeError("new_task() needs a clock to turn a delay into a time")
         run_at = clock() + delay
-    # NewTask moves to lilota.models (issue 13); this import then becomes a module-level
-    # `from lilota.models import NewTask` and the registry imports nothing from the store.
-    from lilota.store import NewTask
 
     return NewTask(
         name=name,

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from lilota import execution
 from lilota.errors import DatabaseError, LilotaError, WorkerExit
 from lilota.ledger import LeaseKeeper, Ledger
+from lilota.models import Claim, Outcome
 from lilota.registry import Registry
 from lilota.settings import (
     ENV_ASYNC_CONCURRENCY,
@@ -46,7 +47,7 @@ from lilota.settings import (
     WorkerSettings,
     default_db_url,
 )
-from lilota.store import Claim, Outcome, TaskStore, parse_url
+from lilota.store import TaskStore, parse_url
 
 log = logging.getLogger(__name__)
 
