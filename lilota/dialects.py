@@ -37,11 +37,10 @@ log = logging.getLogger(__name__)
 
 PENDING = TaskStatus.PENDING.value
 RUNNING = TaskStatus.RUNNING.value
-COMPLETED = TaskStatus.COMPLETED.value
-FAILED = TaskStatus.FAILED.value
 CANCELLED = TaskStatus.CANCELLED.value
-# The progress an outcome leaves: 100 when completed, 0 when pending again, else unchanged.
-_FINAL_PROGRESS = {COMPLETED: 100, PENDING: 0}
+# The progress an outcome leaves: 100 when completed, 0 when pending again (unless the
+# retry is to end cancelled, see cancel_retries), else unchanged.
+_FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 
 # SQLite waits this long for another process's write transaction before giving up. Writes
 # here are a few milliseconds each, so 30 s only runs out when something is badly stuck;
@@ -158,7 +157,7 @@ class Dialect:
 
     def catalogue(self, t: sa.Table) -> dict[str, Any]:
         """Every statement the store runs, by name (one comment each)."""
-        c = t.c
+        c, pct = t.c, t.c.progress_percentage
         fence = (c.id == sa.bindparam("b_id"), c.attempts == sa.bindparam("b_attempt"))
         by_id = c.id == sa.bindparam("b_id")
         names = c.name.in_(sa.bindparam("names", expanding=True))
@@ -203,8 +202,9 @@ class Dialect:
             .values(exception=sa.bindparam("b_exception"), end_date_time=sa.bindparam("b_end"))
             .values(run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=sa.DateTime), c.run_at))
             .values(
-                progress_percentage=sa.func.coalesce(
-                    sa.bindparam("b_progress", type_=sa.SmallInteger), c.progress_percentage
+                progress_percentage=sa.case(
+                    (sa.and_(sa.bindparam("b_status") == PENDING, c.cancel_requested), pct),
+                    else_=sa.func.coalesce(sa.bindparam("b_progress", type_=sa.SmallInteger), pct),
                 ),
                 lease_expires_at=None,
                 # Who ran a finished task stays visible; a pending one belongs to no worker.
@@ -259,7 +259,7 @@ class Dialect:
             .values(cancel_requested=True),
             # A failed or cancelled task is pending again, as if new (attempts from zero).
             "retry": t.update()
-            .where(by_id, c.status.in_((FAILED, CANCELLED)))
+            .where(by_id, c.status.in_((TaskStatus.FAILED.value, CANCELLED)))
             .values(status=PENDING, attempts=0, run_at=sa.bindparam("now"), progress_percentage=0)
             .values(cancel_requested=False, output=None, exception=None, start_date_time=None)
             .values(end_date_time=None, worker_id=None, pid=None),
@@ -458,8 +458,9 @@ class PostgresDialect(Dialect):
                     exception = o.exception, end_date_time = CASE WHEN o.status = '{PENDING}'
                         THEN NULL ELSE CAST(:now AS timestamp) END,
                     run_at = coalesce(o.run_at, t.run_at),
-                    progress_percentage = CASE o.status WHEN '{COMPLETED}' THEN 100
-                        WHEN '{PENDING}' THEN 0 ELSE t.progress_percentage END,
+                    progress_percentage = CASE WHEN o.status = '{TaskStatus.COMPLETED.value}' THEN 100
+                        WHEN o.status = '{PENDING}' AND NOT t.cancel_requested THEN 0
+                        ELSE t.progress_percentage END,
                     lease_expires_at = NULL,
                     worker_id = CASE WHEN o.status = '{PENDING}' THEN NULL ELSE t.worker_id END
                 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),

@@ -133,6 +133,22 @@ def worker_lost(task_id: int, attempt: int, message: str) -> Outcome:
     return Outcome(id=task_id, attempt=attempt, status=FAILED, exception=record)
 
 
+def interrupted(
+    task_id: int, attempt: int, message: str, *, cancel_requested: bool, retry_at: datetime | None
+) -> Outcome:
+    """The end of an attempt whose worker is gone (``message`` says how), decided by the
+    store: cancelled if someone asked, else pending again at ``retry_at``, else failed
+    with ``WorkerLost``."""
+    if cancel_requested:
+        return cancelled(
+            Claim(id=task_id, name="", input=None, attempt=attempt, max_attempts=1),
+            TaskCancelled(f"task {task_id} was cancelled; {message}"),
+        )
+    record = TaskError.from_exception(WorkerLost(message)).to_json()
+    status = PENDING if retry_at else FAILED
+    return Outcome(id=task_id, attempt=attempt, status=status, exception=record, run_at=retry_at)
+
+
 def did_not_stop(claim: Claim, grace: timedelta) -> Outcome:
     """The attempt was cancelled and did not stop within ``grace``: it is ended."""
     seconds = grace.total_seconds()
@@ -274,6 +290,7 @@ __all__ = [
     "execute",
     "execute_async",
     "failed",
+    "interrupted",
     "prepare",
     "progress_writer",
     "scheduler",

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import serialization
+from lilota import execution, serialization
 from lilota.dialects import Dialect, dialect_for, is_memory_sqlite, parse_url, transaction
 from lilota.dialects import postgres_connect_args as postgres_connect_args
 from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
@@ -119,15 +119,11 @@ schema_table = sa.Table(
 )
 
 
-def _interrupted(row: Any, message: str, retry_at: datetime | None) -> Outcome:
-    """The end of an attempt whose worker is gone (``message`` says how): cancelled if
-    someone asked, else pending again at ``retry_at``, else failed with ``WorkerLost``."""
-    kind, status = "WorkerLost", PENDING if retry_at else FAILED
-    if row.cancel_requested:
-        kind, status, retry_at = "TaskCancelled", CANCELLED, None
-        message = f"task {row.id} was cancelled; {message}"
-    error = json.dumps({"type": f"lilota.errors.{kind}", "message": message, "traceback": ""})
-    return Outcome(id=row.id, attempt=row.attempts, status=status, exception=error, run_at=retry_at)
+def _lost(row: Any, message: str, retry_at: datetime | None) -> Outcome:
+    """The outcome rules (lilota.execution) for an attempt whose worker is gone."""
+    return execution.interrupted(
+        row.id, row.attempts, message, cancel_requested=row.cancel_requested, retry_at=retry_at
+    )
 
 
 class TaskStore:
@@ -409,7 +405,7 @@ class TaskStore:
                 continue
             stopped = f"worker {r.worker_id} stopped during attempt {r.attempts}"
             last = f"{stopped}, the last of {r.max_attempts}"
-            outcome = _interrupted(r, stopped if r.cancel_requested else last, None)
+            outcome = _lost(r, stopped if r.cancel_requested else last, None)
             log.warning("task %d: given back by a stopping worker; now %s", r.id, outcome.status)
             outcomes.append(outcome)
         return self._finish_rows(conn, outcomes) if outcomes else 0
@@ -436,7 +432,7 @@ class TaskStore:
             return []
         noticed = now.isoformat(timespec="milliseconds")
         outcomes = [
-            _interrupted(
+            _lost(
                 r,
                 f"worker {r.worker_id} stopped renewing its lease (expired "
                 f"{r.lease_expires_at.isoformat(timespec='milliseconds')} UTC, noticed "
