@@ -170,3 +170,21 @@ def test_text_no_backend_can_store_is_refused_by_schedule_and_nothing_is_written
 def test_new_task_refuses_nul_in_its_input_text() -> None:
     with pytest.raises(ValueError, match=r"^input contains a NUL character"):
         NewTask(name="job", input=json.dumps("x")[:-1] + '\x00"')
+
+
+def test_a_retry_of_a_task_cancelled_while_it_ran_ends_cancelled_with_its_progress(
+    store: TaskStore, clock: FakeClock
+) -> None:
+    # Found by the state machine (claim, progress, cancel, the attempt raises with attempts
+    # left): the retry reset progress to 0 before the store turned it into cancelled.
+    task_id = store.add(NewTask(name="job", max_attempts=3))
+    claim = claim_one(store)
+    assert store.set_progress(task_id, claim.attempt, 40)
+    assert store.cancel(task_id) == TaskStatus.RUNNING
+    retry = Outcome(id=task_id, attempt=claim.attempt, status="pending", run_at=clock.now + LEASE)
+
+    assert store.finish([retry]) == 1
+
+    task = store.get(task_id)
+    assert task is not None
+    assert (task.status, task.progress_percentage) == (TaskStatus.CANCELLED, 40)
