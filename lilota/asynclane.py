@@ -34,13 +34,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lilota import execution
 from lilota.errors import DatabaseError, LilotaError, WorkerLost
+from lilota.ledger import idle_wait
 from lilota.store import TaskStore
 
 if TYPE_CHECKING:
     from lilota.ledger import Ledger, Running
     from lilota.models import Claim, Outcome
     from lilota.registry import Registry, TaskDefinition
-    from lilota.worker import WorkerSettings
+    from lilota.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +225,7 @@ class AsyncLane:
             names |= self.cpu_names
         if not names:
             return None
-        try:
-            next_run = await self._in_db(self.store.next_run_at, names)
-        except DatabaseError:
-            return 1.0
-        if next_run is None:
-            return self.settings.idle_poll
-        wait = (next_run - self.store.clock()).total_seconds()
-        return min(max(wait, 0.001), self.settings.idle_poll)
+        return await self._in_db(idle_wait, self.store, names, self.settings.idle_poll)
 
     def _claim(self, finished: list[Outcome], want_async: int, want_cpu: int) -> list[Claim]:
         """In a helper thread: record ``finished`` and claim as many tasks as slots are free."""

@@ -25,6 +25,7 @@ from lilota.supervisor import (
     ENV_SCRIPT,
     Supervisor,
     is_worker_process,
+    wait_until_finished,
 )
 from lilota.worker import LilotaWorker
 
@@ -273,13 +274,7 @@ class Lilota:
     def _wait_for_scheduled(self, deadline: float | None) -> None:
         with self._lock:
             ids = set(self._scheduled)
-        pause = 0.005
-        while ids:
-            ids = self.store.unfinished(ids, due_only=True)
-            if not ids or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+        wait_until_finished(lambda left: self.store.unfinished(left, due_only=True), ids, deadline)
         with self._lock:
             self._scheduled.clear()
 

@@ -185,6 +185,19 @@ class Ledger:
         return outcomes, queued, running
 
 
+def idle_wait(store: TaskStore, names: Iterable[str], idle_poll: float) -> float:
+    """How long a lane with nothing to do waits for a wake-up: until the next task of
+    ``names`` is due, at most ``idle_poll``; 1 s when the database cannot say."""
+    try:
+        next_run = store.next_run_at(names)
+    except DatabaseError:
+        return 1.0
+    if next_run is None:
+        return idle_poll
+    wait = (next_run - store.clock()).total_seconds()
+    return min(max(wait, 0.001), idle_poll)
+
+
 class LeaseKeeper:
     """Renews leases, notices cancellations and dead workers, enforces limits."""
 
@@ -323,4 +336,4 @@ class LeaseKeeper:
         self._end_process(code)
 
 
-__all__ = ["RENEW_RETRY", "LeaseKeeper", "Ledger", "Running"]
+__all__ = ["RENEW_RETRY", "LeaseKeeper", "Ledger", "Running", "idle_wait"]

@@ -38,7 +38,7 @@ from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, new_task
 from lilota.store import TaskStore
 from lilota.stores import DatabaseTaskStore, MemoryTaskStore
-from lilota.supervisor import Supervisor, is_worker_process
+from lilota.supervisor import Supervisor, is_worker_process, wait_until_finished
 from lilota.worker import LilotaWorker
 
 log = logging.getLogger(__name__)
@@ -352,17 +352,11 @@ class TaskRunner:
     def _wait_for_added(self, deadline: float | None) -> None:
         with self._ids_lock:
             ids = set(self._ids)
-        pause = 0.005
-        while ids:
-            try:
-                ids = self._database.task_store.unfinished(ids, due_only=True)
-            except DatabaseError as e:
-                log.error("TaskRunner.stop(): cannot read the tasks (%s); stopping now", e)
-                break
-            if not ids or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+        store = self._database.task_store
+        try:
+            wait_until_finished(lambda left: store.unfinished(left, due_only=True), ids, deadline)
+        except DatabaseError as e:
+            log.error("TaskRunner.stop(): cannot read the tasks (%s); stopping now", e)
         with self._ids_lock:
             self._ids.clear()
 

@@ -321,6 +321,22 @@ class Supervisor:
         self._lifeline_r = self._lifeline_w = None
 
 
+def wait_until_finished(
+    unfinished: Callable[[set[int]], set[int]], ids: set[int], deadline: float | None
+) -> None:
+    """The drain of a graceful stop: wait until none of ``ids`` is unfinished (as the
+    store's ``unfinished`` says) or the monotonic ``deadline`` passed. Looks at 5 ms,
+    doubling to 100 ms: a short wait is noticed at once, a long one costs ten reads a
+    second."""
+    pause = 0.005
+    while ids:
+        ids = unfinished(ids)
+        if not ids or (deadline is not None and time.monotonic() >= deadline):
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def _import_main(spec: dict[str, Any]) -> types.ModuleType | None:
     """Import the parent's main module as ``__mp_main__`` (its ``if __name__ ==
     "__main__":`` block does not run), as multiprocessing's spawn does."""

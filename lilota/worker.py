@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from lilota import execution
 from lilota.errors import DatabaseError, LilotaError, WorkerExit
-from lilota.ledger import LeaseKeeper, Ledger
+from lilota.ledger import LeaseKeeper, Ledger, idle_wait
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
 from lilota.settings import (
@@ -191,7 +191,7 @@ class WorkerLoop:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 if not ran:
-                    self._listener.wait(self._idle_timeout())
+                    self._listener.wait(idle_wait(self.store, self.names, self.settings.idle_poll))
         finally:
             self._shutdown()
 
@@ -253,16 +253,6 @@ class WorkerLoop:
 
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_TARGET_SECONDS / max(self._avg_duration, 1e-6))))
-
-    def _idle_timeout(self) -> float:
-        try:
-            next_run = self.store.next_run_at(self.names)
-        except DatabaseError:
-            return 1.0
-        if next_run is None:
-            return self.settings.idle_poll
-        wait = (next_run - self.store.clock()).total_seconds()
-        return min(max(wait, 0.001), self.settings.idle_poll)
 
     def _run_claims(
         self, claims: list[Claim], adjust: Callable[[Outcome], Outcome] | None
