@@ -3,34 +3,37 @@
 lilota keeps a task's ``input`` and ``output`` as JSON text in a TEXT column, so every
 string, exact float and big int survives. The seams:
 
-- ``dumps(value, model=None) -> str | None``: the text (pure ASCII; ``None`` gives ``None``,
-  SQL NULL). A value it cannot store raises :class:`~lilota.errors.SerializationError`.
-- ``loads(text)``: plain values; models come back as dicts (what ``Task.input`` and
-  ``Task.output`` hold). Text that is not JSON, or holds a bad tag, raises
-  ``SerializationError``, which quotes the bad input (or its path) and says what is wrong.
-- ``build(value, model)``: ``loads``'s values as the model instance the task function
-  receives; a value that does not fit raises :class:`~lilota.errors.InvalidInput`.
-- ``prepare(value, model) -> str | None``: what ``schedule()`` stores, dumped, loaded and
-  built exactly as the worker will, so it raises ``InvalidInput`` or ``SerializationError``
-  before anything is written. ``check_model`` refuses, at registration, a model lilota
-  cannot store (:class:`~lilota.errors.RegistrationError`).
+- ``dumps(value, model=None) -> str | None``: the JSON text (pure ASCII; ``None`` gives
+  ``None``, stored as SQL NULL). Raises :class:`~lilota.errors.SerializationError` for a
+  value it cannot store.
+- ``loads(text)``: the stored values, with models as plain dicts (what ``Task.input`` and
+  ``Task.output`` hold). A decode error is a ``SerializationError`` that keeps the bad input
+  (it quotes the text, or names the path of the bad tag and quotes it) and says what is wrong.
+- ``build(value, model)``: a loaded value rebuilt as the declared model, as the task function
+  receives it. Raises :class:`~lilota.errors.InvalidInput` when the value does not fit.
+- ``prepare(value, model) -> str | None``: what ``schedule()`` stores. The value is dumped,
+  loaded and built here exactly as the worker will, so ``InvalidInput`` or
+  ``SerializationError`` is raised before anything is written.
+- ``check_model(model, role=...)``: at registration, :class:`~lilota.errors.RegistrationError`
+  for a model lilota cannot store.
 
-Every error names the path of the bad value (``input.items[2].when``, ``input['k']``, set
-items as ``{*}``), its type, and what to do instead.
+Every message names the path of the bad value (``input.items[2].when``, ``input['k']``; set
+items show as ``{*}``), its type, and what to do instead.
 
-The stored format never changes. JSON holds ``None``, ``bool``, ``str``, ``int``, finite
-``float``, ``list`` and ``dict`` with ``str`` keys as they are; any other value is stored as
-``{"__lilota__": tag, "v": payload}``, one row of the type table ``_SPECIALS`` per tag (its
-Python types, how to encode and how to decode it). A model is stored as the dict of its
-fields: a dataclass's ``init`` fields, a pydantic v2 model's ``model_dump(mode="python",
-by_alias=True)``, or ``as_dict()``; ``build`` rebuilds a dataclass field by field from its
-type hints, a pydantic model with ``model_validate``, another class with ``from_dict(d)`` or
-else ``Model(**d)``. An ``int`` fits a ``float`` or ``Decimal`` field, a ``bool`` never fits
-an ``int``, a list fits a tuple or set field and a tuple a list field. An ``Enum`` member is
-stored as its value, and ``build`` restores it where the model types the position; elsewhere
-only enums equal to their value (``class C(str, Enum)``, ``IntEnum``) are accepted. Refused:
-non-``str`` dict keys, nesting deeper than 200, reference cycles, set items that would come
-back unhashable, and any other type.
+The stored format never changes. ``None``, ``bool``, ``str``, ``int``, finite ``float``,
+``list`` and ``dict`` with ``str`` keys are JSON as they are; any other value is stored as
+``{"__lilota__": tag, "v": payload}``, one row of the type table (``_TAGGED_TYPES``) per tag.
+A model is stored as the dict of its fields: a dataclass's ``init`` fields, a pydantic v2
+model's ``model_dump(mode="python", by_alias=True)``, or ``as_dict()``. ``build`` rebuilds a
+dataclass field by field from its type hints (nested models, Optional/Union, containers of X,
+Literal, Enums, the tagged types; defaults for missing fields; ``init=False`` fields ignored),
+a pydantic model with ``model_validate``, another class with ``from_dict(d)`` if it has one,
+else ``Model(**d)``. An ``int`` fits a ``float`` or ``Decimal`` field, a ``bool`` never fits an
+``int``, a list fits a tuple or set field and a tuple a list field. An ``Enum`` member is
+stored as its value; ``build`` restores the member where the model types the position, and
+elsewhere only enums equal to their value (``class C(str, Enum)``, ``IntEnum``) are accepted.
+Refused: non-``str`` dict keys, nesting deeper than 200 containers, reference cycles, set
+items that would come back unhashable, and any other type.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ _PAIR = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
 _SEQUENCES = frozenset({list, abc.Sequence, abc.MutableSequence, abc.Collection, abc.Iterable})
 _SETS = frozenset({set, frozenset, abc.Set, abc.MutableSet})
 _MAPPINGS = frozenset({dict, abc.Mapping, abc.MutableMapping})
-_Conv = Callable[[Any], Any]  # rebuilds a decoded value as one type
-_Enc = Callable[[Any, int, Any, bool], Any]  # (value, depth, hint, in pydantic) -> JSON
+_Converter = Callable[[Any], Any]  # rebuilds a decoded value as one type
+_EncodeFn = Callable[[Any, int, Any, bool], Any]  # (value, depth, hint, in pydantic) -> JSON
 
 
 def dumps(value: Any, *, model: type | None = None, root: str = "input") -> str | None:
@@ -90,8 +93,8 @@ def dumps(value: Any, *, model: type | None = None, root: str = "input") -> str 
     if value is None:
         return None
     try:
-        encoded = _enc(value, 0, None if model is dict else model, False)
-    except _Bad as e:
+        encoded = _encode(value, 0, None if model is dict else model, False)
+    except _PathError as e:
         raise SerializationError(e.render(root)) from e.__cause__
     except RecursionError:
         raise SerializationError(
@@ -107,12 +110,12 @@ def loads(text: str | None) -> Any:
     if text is None:
         return None
     if not isinstance(text, str):
-        raise SerializationError(f"stored value must be JSON text (str), got {_tname(text)}")
+        raise SerializationError(f"stored value must be JSON text (str), got {_type_name(text)}")
     try:
-        return _dec(json.loads(text))
-    except ValueError as exc:  # not JSON (a bad tag raises _Bad)
+        return _decode(json.loads(text))
+    except ValueError as exc:  # not JSON (a bad tag raises _PathError)
         raise SerializationError(f"stored value is not valid JSON ({exc}): {_short(text)}") from exc
-    except _Bad as e:
+    except _PathError as e:
         raise SerializationError(e.render("stored value")) from e.__cause__
     except RecursionError:
         raise SerializationError("stored value is nested too deeply to read") from None
@@ -129,10 +132,12 @@ def build(value: Any, model: type | None, *, root: str = "input") -> Any:
         if value is None and _model_of(model) is not None:
             try:
                 return conv({})
-            except _Bad as e:
-                raise _Bad(f"{_expected_model(model, None)}; {e.render(root)}") from e.__cause__
+            except _PathError as e:
+                raise _PathError(
+                    f"{_expected_model(model, None)}; {e.render(root)}"
+                ) from e.__cause__
         return conv(value)
-    except _Bad as e:
+    except _PathError as e:
         raise InvalidInput(e.render(root)) from e.__cause__
 
 
@@ -141,7 +146,7 @@ def prepare(value: Any, model: type | None, *, root: str = "input") -> str | Non
     and return its text, decoded and rebuilt here exactly as the worker will: an error means
     nothing should be stored (``InvalidInput``: it does not fit; ``SerializationError``)."""
     if model is dict and value is not None and not isinstance(value, dict):
-        raise InvalidInput(f"{root}: expected a dict, got {_tname(value)}")
+        raise InvalidInput(f"{root}: expected a dict, got {_type_name(value)}")
     if model is None or model is dict:
         return dumps(value, root=root)
     if value is None:
@@ -149,7 +154,8 @@ def prepare(value: Any, model: type | None, *, root: str = "input") -> str | Non
         return None
     if _model_of(model) is not None and not isinstance(value, (model, dict)):
         raise InvalidInput(
-            f"{root}: expected {_cname(model)} (or a dict of its fields), got {_tname(value)}"
+            f"{root}: expected {_class_name(model)} (or a dict of its fields), "
+            f"got {_type_name(value)}"
         )
     text = dumps(value, model=model, root=root)
     build(loads(text), model, root=root)
@@ -168,7 +174,7 @@ def check_model(model: object, *, role: str) -> None:
     if _is_pydantic(model, "pydantic.v1"):
         advice = "pydantic v1 models are not supported; use pydantic v2 (pydantic.BaseModel)"
     elif not isinstance(model, type) and _model_of(type(model)) is not None:
-        advice = f"pass the class {_cname(type(model))} itself, not an instance"
+        advice = f"pass the class {_class_name(type(model))} itself, not an instance"
     elif get_origin(model) in _MAPPINGS:
         advice = "use dict (lilota does not check the key and value types of a plain dict)"
     else:
@@ -193,7 +199,7 @@ def _check_hints(tp: Any, seen: set[int]) -> None:
 # --------------------------------------------------------------------------- errors
 
 
-class _Bad(Exception):
+class _PathError(Exception):
     """Internal refusal; each container adds its path segment while it unwinds. ``deep``:
     the container found too deep; the containers passed on the way out reveal a cycle."""
 
@@ -203,7 +209,7 @@ class _Bad(Exception):
         self.segs: list[str] = []
         self.objs: list[Any] = [deep]
 
-    def at(self, seg: str, container: Any = None) -> _Bad:
+    def at(self, seg: str, container: Any = None) -> _PathError:
         self.segs.append(seg)
         if self.deep:
             self.objs.append(container)
@@ -222,7 +228,7 @@ class _Bad(Exception):
             if i != j:
                 return (
                     f"{_clip(root + ''.join(segs[:j]))}: reference cycle: this is the same "
-                    f"{_tname(obj)} object as {_clip(root + ''.join(segs[:i]))}, which "
+                    f"{_type_name(obj)} object as {_clip(root + ''.join(segs[:i]))}, which "
                     "contains it; lilota cannot store a value that contains itself"
                 )
         return (
@@ -235,61 +241,61 @@ def _clip(path: str, limit: int = 200) -> str:
     return path if len(path) <= limit else path[:80] + " ... " + path[-(limit - 85) :]
 
 
-def _cname(cls: type) -> str:
+def _class_name(cls: type) -> str:
     """A class's qualified name, without the ``f.<locals>.`` of classes made in functions."""
     return cls.__qualname__.rpartition("<locals>.")[2]
 
 
-def _tname(value: Any) -> str:
+def _type_name(value: Any) -> str:
     t = type(value)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{_cname(t)}"
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{_class_name(t)}"
 
 
 def _short(value: Any, limit: int = 60) -> str:
     try:
         text = repr(value)
     except Exception:  # e.g. an int too big for repr, or a broken __repr__
-        return f"<{_tname(value)} object>"
+        return f"<{_type_name(value)} object>"
     return text[: limit - 3] + "..." if len(text) > limit else text
 
 
 def _describe(value: Any) -> str:
-    return "None" if value is None else f"{_tname(value)} {_short(value)}"
+    return "None" if value is None else f"{_type_name(value)} {_short(value)}"
 
 
 def _attr_seg(name: Any) -> str:
     return "." + name if isinstance(name, str) and name.isidentifier() else f"[{name!r}]"
 
 
-def _expect(name: str, v: Any) -> _Bad:
-    return _Bad(f"expected {name}, got {_describe(v)}")
+def _expect(name: str, v: Any) -> _PathError:
+    return _PathError(f"expected {name}, got {_describe(v)}")
 
 
 def _expected_model(cls: type, v: Any) -> str:
-    return f"expected {_cname(cls)} (or a dict of its fields), got {_describe(v)}"
+    return f"expected {_class_name(cls)} (or a dict of its fields), got {_describe(v)}"
 
 
-def _hname(tp: Any) -> str:
+def _hint_name(tp: Any) -> str:
     """A readable name for a type hint: ``int``, ``list[Point]``, ``int | None``."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is _NoneType or tp is None:
         return "None"
     if origin is Union or origin is types.UnionType:
-        return " | ".join(_hname(a) for a in args)
+        return " | ".join(_hint_name(a) for a in args)
     if origin is Literal:
         return "Literal[" + ", ".join(_short(a) for a in args) + "]"
     if origin is not None and args:
         name = getattr(origin, "__name__", None) or str(origin)
-        return f"{name}[" + ", ".join("..." if a is Ellipsis else _hname(a) for a in args) + "]"
-    return _cname(tp) if isinstance(tp, type) else str(tp).replace("typing.", "")
+        return f"{name}[" + ", ".join("..." if a is Ellipsis else _hint_name(a) for a in args) + "]"
+    return _class_name(tp) if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 # --------------------------------------------------------------------------- encoding
 
 
-def _enc(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
-    """Encode one value; ``hint`` is its declared type (None: untyped), ``pyd`` says it is in
-    a pydantic model (which may hold other types pydantic can make JSON of)."""
+def _encode(v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
+    """Encode one value. ``hint`` is its declared type (None: untyped); ``in_pydantic``: it is
+    inside a pydantic model, which may hold other types that pydantic can make JSON of."""
     t = type(v)
     if t is str:
         return v if v.isascii() or _PAIR.search(v) is None else _tag("str", v)
@@ -300,10 +306,11 @@ def _enc(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
     if t is float:
         return v if math.isfinite(v) else _tag("float", v)
     if t is dict:
-        return _enc_fields(v.items(), v, depth, hint, pyd)
+        return _encode_fields(v.items(), v, depth, hint, in_pydantic)
     if t is list:
-        return _enc_items(v, depth, hint, pyd)
-    return (_ENCODERS.get(t) or _cache(_ENCODERS, t, _find_encoder(t)))(v, depth, hint, pyd)
+        return _encode_items(v, depth, hint, in_pydantic)
+    encode = _ENCODERS.get(t) or _cache(_ENCODERS, t, _find_encoder(t))
+    return encode(v, depth, hint, in_pydantic)
 
 
 def _is_plain(x: Any) -> bool:
@@ -319,47 +326,60 @@ def _is_plain(x: Any) -> bool:
 
 
 def _tag(tag: str, value: Any) -> dict[str, Any]:
-    return {TAG: tag, "v": _SPECIALS[tag].encode(value)}
+    return {TAG: tag, "v": _TAGGED_TYPES[tag].encode(value)}
 
 
-_ENCODERS: dict[type, _Enc] = {}  # type -> how to encode it, past the fast path of _enc
+_ENCODERS: dict[type, _EncodeFn] = {}  # type -> how to encode it, past the fast path of _encode
 _BASES = {str: str.__str__, int: int.__int__, float: float.__float__}
 
 
-def _find_encoder(cls: type) -> _Enc:
+def _find_encoder(cls: type) -> _EncodeFn:
     if issubclass(cls, Enum):
-        return _enc_enum
+        return _encode_enum
     for base, to_base in _BASES.items():
         if issubclass(cls, base):  # stored as the base type's value
-            return lambda v, depth, hint, pyd: _enc(to_base(v), depth, hint, pyd)
-    row = next((row for row in _SPECIALS.values() if issubclass(cls, row.types)), None)
+            return lambda v, *walk: _encode(to_base(v), *walk)
+    row = next((row for row in _TAGGED_TYPES.values() if issubclass(cls, row.types)), None)
     if row is not None and row.nests:
-        return lambda v, depth, hint, pyd: {TAG: row.tag, "v": row.encode(v, depth, hint, pyd)}
+        return lambda v, *walk: {TAG: row.tag, "v": row.encode(v, *walk)}
     if row is not None:
-        return lambda v, depth, hint, pyd: {TAG: row.tag, "v": row.encode(v)}
+        return lambda v, *_: {TAG: row.tag, "v": row.encode(v)}
     if issubclass(cls, dict):
-        return lambda v, depth, hint, pyd: _enc_fields(v.items(), v, depth, hint, pyd)
+        return _encode_dict
+    if issubclass(cls, list):
+        return _encode_items
     model = _model_of(cls)
-    return _enc_items if issubclass(cls, list) else model.encode if model else _enc_unsupported
+    return model.encode if model is not None else _encode_unsupported
 
 
-def _enc_fields(
-    pairs: Iterable[tuple[Any, Any]], owner: Any, depth: int, hint: Any, pyd: bool, cls: Any = None
+def _encode_dict(d: dict[Any, Any], depth: int, hint: Any, in_pydantic: bool) -> Any:
+    return _encode_fields(d.items(), d, depth, hint, in_pydantic)
+
+
+def _encode_fields(
+    pairs: Iterable[tuple[Any, Any]],
+    owner: Any,
+    depth: int,
+    hint: Any,
+    in_pydantic: bool,
+    cls: Any = None,
 ) -> Any:
     """The field walker: a dict (``cls`` None) or the fields of a model of class ``cls`` as a
     JSON object. ``owner`` is the object the path passes through (to tell a cycle)."""
     if depth >= MAX_DEPTH:
-        raise _Bad("", deep=owner)
+        raise _PathError("", deep=owner)
     fields = values = None
     if hint is not None and (shape := _shape(hint)) is not None:
-        fields, values = (shape.fields, shape.values) if cls is None else (shape.by_class.get(cls), None)  # fmt: skip
+        fields, values = (shape.fields, shape.values)
+        if cls is not None:
+            fields, values = shape.by_class.get(cls), None
     out: dict[str, Any] = {}
     paired = False
     for k, x in pairs:
         if type(k) is not str:
             if not isinstance(k, str):
-                raise _Bad(
-                    f"dict key {_short(k)} is {_tname(k)}; only str keys can be stored as "
+                raise _PathError(
+                    f"dict key {_short(k)} is {_type_name(k)}; only str keys can be stored as "
                     "JSON: convert the keys with str(), or store a list of (key, value) pairs"
                 )
             k = str.__str__(k)
@@ -369,33 +389,49 @@ def _enc_fields(
             out[k] = x
             continue
         try:
-            out[k] = _enc(x, depth + 1, fields.get(k) if fields is not None else values, pyd)
-        except _Bad as e:
+            out[k] = _encode(
+                x, depth + 1, fields.get(k) if fields is not None else values, in_pydantic
+            )
+        except _PathError as e:
             raise e.at(f"[{k!r}]" if cls is None else _attr_seg(k), owner) from e.__cause__
     return _tag("dict", out) if paired or TAG in out else out
 
 
-def _enc_items(items: Any, depth: int, hint: Any, pyd: bool, star: bool = False) -> list[Any]:
-    """A list's or tuple's items as a JSON array; ``star``: a set's, sorted by their text."""
+def _encode_items(items: Any, depth: int, hint: Any, in_pydantic: bool) -> list[Any]:
+    """A list's or tuple's items as a JSON array."""
     if depth >= MAX_DEPTH:
-        raise _Bad("", deep=items)
+        raise _PathError("", deep=items)
     shape = _shape(hint) if hint is not None else None
     out: list[Any] = []
+    append = out.append
     for i, x in enumerate(items):
         if _is_plain(x):
-            out.append(x)
+            append(x)
             continue
         try:
-            item_hint = None if shape is None else shape.items if star else shape.item(i)
-            out.append(enc := _enc(x, depth + 1, item_hint, pyd))
-            if star and not _hashable(enc):
-                raise _Bad(
+            append(_encode(x, depth + 1, shape.item(i) if shape is not None else None, in_pydantic))
+        except _PathError as e:
+            raise e.at(f"[{i}]", items) from e.__cause__
+    return out
+
+
+def _encode_set(items: Any, depth: int, hint: Any, in_pydantic: bool) -> list[Any]:
+    """A set's items as a JSON array, sorted by their text (so that the text is stable)."""
+    if depth >= MAX_DEPTH:
+        raise _PathError("", deep=items)
+    shape = _shape(hint) if hint is not None else None
+    out: list[Any] = []
+    for x in items:
+        try:
+            out.append(enc := _encode(x, depth + 1, shape.items if shape else None, in_pydantic))
+            if not _hashable(enc):
+                raise _PathError(
                     f"set item {_describe(x)} would be read back as a dict or list, which "
                     "cannot be a set member; store a list instead"
                 )
-        except _Bad as e:
-            raise e.at("{*}" if star else f"[{i}]", items) from e.__cause__
-    return sorted(out, key=_ENCODER.encode) if star else out
+        except _PathError as e:
+            raise e.at("{*}", items) from e.__cause__
+    return sorted(out, key=_ENCODER.encode)
 
 
 def _hashable(enc: Any) -> bool:
@@ -406,12 +442,12 @@ def _hashable(enc: Any) -> bool:
     return type(enc) is not list and (type(enc) is not dict or tag not in (None, "dict", "set"))
 
 
-def _enc_enum(member: Enum, depth: int, hint: Any, pyd: bool) -> Any:
+def _encode_enum(member: Enum, depth: int, hint: Any, in_pydantic: bool) -> Any:
     value = member.value
     if isinstance(member, type(value)) or (hint is not None and _restorable(member, hint)):
-        return _enc(value, depth, None, pyd)
+        return _encode(value, depth, None, in_pydantic)
     cls = type(member).__name__
-    raise _Bad(
+    raise _PathError(
         f"{cls}.{member.name} is a plain Enum member: it would be stored as its value "
         f"{_short(value)} and nothing here says to turn it back into {cls}; "
         f"type the field as {cls} in the {_ROOT} model, or send {cls}.{member.name}.value"
@@ -427,7 +463,7 @@ def _restorable(member: Enum, hint: Any) -> bool:
         return _RESTORABLE[member, hint]
     except (KeyError, TypeError):  # TypeError: an unhashable hint, not cached
         pass
-    stored = _dec(json.loads(_ENCODER.encode(_enc(member.value, 0, None, False))))
+    stored = _decode(json.loads(_ENCODER.encode(_encode(member.value, 0, None, False))))
     try:
         ok = _converter(hint)(stored) is member
     except Exception:
@@ -449,81 +485,85 @@ _ADVICE = (
 )  # fmt: skip
 
 
-def _enc_unsupported(v: Any, depth: int, hint: Any, pyd: bool) -> Any:
+def _encode_unsupported(v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
     try:  # inside a pydantic model: what pydantic itself would store for v
-        fallback = importlib.import_module("pydantic_core").to_jsonable_python(v) if pyd else None
+        fallback = (
+            importlib.import_module("pydantic_core").to_jsonable_python(v) if in_pydantic else None
+        )
     except Exception:
         fallback = None
     if fallback is not None:
-        return _enc(fallback, depth, None, False)
+        return _encode(fallback, depth, None, False)
     advice = next(text for cls, text in _ADVICE if isinstance(v, cls))
     if isinstance(v, type) or callable(v):
         advice = "functions, classes and other callables cannot be stored; store a value or a name"
-    raise _Bad(f"cannot store {_tname(v)} {_short(v)} as JSON; {advice}")
+    raise _PathError(f"cannot store {_type_name(v)} {_short(v)} as JSON; {advice}")
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def _dec(x: Any) -> Any:
+def _decode(x: Any) -> Any:
     """Decode the tags in a freshly parsed JSON value (containers are changed in place)."""
     t = type(x)
     if t is dict and TAG in x:
-        return _dec_tag(x)
+        return _decode_tag(x)
     if t is dict:
         for k, y in x.items():
             if type(y) is dict or type(y) is list:
                 try:
-                    x[k] = _dec(y)
-                except _Bad as e:
+                    x[k] = _decode(y)
+                except _PathError as e:
                     raise e.at(f"[{k!r}]") from e.__cause__
     elif t is list:
         for i, y in enumerate(x):
             if type(y) is dict or type(y) is list:
                 try:
-                    x[i] = _dec(y)
-                except _Bad as e:
+                    x[i] = _decode(y)
+                except _PathError as e:
                     raise e.at(f"[{i}]") from e.__cause__
     return x
 
 
-def _dec_tag(x: dict[str, Any]) -> Any:
+def _decode_tag(x: dict[str, Any]) -> Any:
     tag = x[TAG]
     if len(x) != 2 or "v" not in x:
-        raise _Bad(f"malformed lilota tag {_short(x)}: expected {{{TAG!r}: tag, 'v': payload}}")
-    row = _SPECIALS.get(tag) if type(tag) is str else None
+        raise _PathError(
+            f"malformed lilota tag {_short(x)}: expected {{{TAG!r}: tag, 'v': payload}}"
+        )
+    row = _TAGGED_TYPES.get(tag) if type(tag) is str else None
     if row is None:
-        raise _Bad(
+        raise _PathError(
             f"unknown lilota tag {_short(tag)}; it was written by a newer lilota, or the "
             "stored text was changed by hand"
         )
     v, (_, _, nests, _, payload, decode) = x["v"], row
     if payload is not None and type(v) is not payload:
-        raise _Bad(f"the {tag!r} tag needs a {payload.__name__} payload, got {_describe(v)}")
+        raise _PathError(f"the {tag!r} tag needs a {payload.__name__} payload, got {_describe(v)}")
     try:
-        return decode(_dec(v) if nests else v)
+        return decode(_decode(v) if nests else v)
     except (ValueError, TypeError, OverflowError, binascii.Error, InvalidOperation) as exc:
-        raise _Bad(f"cannot decode the {tag!r} value {_short(v)}: {exc}") from exc
+        raise _PathError(f"cannot decode the {tag!r} value {_short(v)}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- the type table
 
 
-class _Special(NamedTuple):
+class _TaggedType(NamedTuple):
     """A type JSON cannot hold as it is, stored as ``{TAG: tag, "v": payload}``."""
 
     tag: str
-    types: tuple[type, ...]  # always stored so; (): only values JSON cannot hold (see _enc)
-    nests: bool  # a container: encode takes (value, depth, hint, pyd), decode decoded items
+    types: tuple[type, ...]  # always stored so; (): only values JSON cannot hold (see _encode)
+    nests: bool  # a container: encode walks it (value, depth, hint, in_pydantic); decode
+    #              gets the items already decoded
     encode: Callable[..., Any]  # value -> payload
     payload: type | None  # the JSON type the payload must be (None: decode checks)
     decode: Callable[[Any], Any]  # payload -> value (ValueError & co. when it is bad)
 
 
-def _checked(value: Any, ok: bool, what: str) -> Any:
+def _require(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(what)
-    return value
 
 
 def _from_iso(parse: Callable[[str], Any], text: str) -> Any:
@@ -537,53 +577,94 @@ def _from_iso(parse: Callable[[str], Any], text: str) -> Any:
     return value.replace(tzinfo=timezone(-offset if text[-16] == "-" else offset))
 
 
+def _timedelta_parts(value: timedelta) -> list[int]:
+    return [value.days, value.seconds, value.microseconds]
+
+
+def _timedelta_of(parts: list[Any]) -> timedelta:
+    ok = len(parts) == 3 and all(type(p) is int for p in parts)
+    _require(ok, "expected [days, seconds, microseconds]")
+    return timedelta(*parts)
+
+
+def _float_text(value: float) -> str:
+    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+
+def _float_of(text: str) -> float:
+    _require(text in ("nan", "inf", "-inf"), "expected 'nan', 'inf' or '-inf'")
+    return float(text)
+
+
 def _str_pieces(value: str) -> list[str]:
     """Cut between the halves of each surrogate pair, so that no piece holds one."""
     cuts = [m.start() + 1 for m in _PAIR.finditer(value)]
     return [value[a:b] for a, b in zip([0, *cuts], [*cuts, len(value)], strict=True)]
 
 
+def _str_of(pieces: list[Any]) -> str:
+    _require(all(type(p) is str for p in pieces), "expected a list of strings")
+    return "".join(pieces)
+
+
 def _dict_payload(d: dict[str, Any]) -> Any:
     """The dict, or [key, value] pairs with encoded keys when a key holds a surrogate pair."""
     if any(not k.isascii() and _PAIR.search(k) for k in d):
-        return [[_enc(k, 0, None, False), x] for k, x in d.items()]
+        return [[_encode(k, 0, None, False), x] for k, x in d.items()]
     return d
 
 
-def _dec_dict(payload: Any) -> dict[str, Any]:
+def _dict_of(payload: Any) -> dict[str, Any]:
     if type(payload) is not dict and type(payload) is not list:
-        raise _Bad(f"the 'dict' tag needs a dict payload, got {_describe(payload)}")
+        raise _PathError(f"the 'dict' tag needs a dict payload, got {_describe(payload)}")
     d = payload if type(payload) is dict else {}  # a list: [key, value] pairs
     for pair in payload.items() if type(payload) is dict else payload:
-        _checked(0, type(pair) in (tuple, list) and len(pair) == 2, "expected [key, value] pairs")
-        k = _dec(pair[0])
-        _checked(k, type(k) is str, f"expected a str key, got {_describe(k)}")
+        _require(type(pair) in (tuple, list) and len(pair) == 2, "expected [key, value] pairs")
+        k = _decode(pair[0])
+        _require(type(k) is str, f"expected a str key, got {_describe(k)}")
         try:
-            d[k] = _dec(pair[1])
-        except _Bad as e:
+            d[k] = _decode(pair[1])
+        except _PathError as e:
             raise e.at(f"[{k!r}]") from e.__cause__
     return d
 
 
-# Ordered: the encoder takes the first row whose types a value is an instance of.
+def _base64(value: bytes | bytearray) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+_datetime_of = functools.partial(_from_iso, datetime.fromisoformat)
+_time_of = functools.partial(_from_iso, time.fromisoformat)
+_bytes_of = functools.partial(base64.b64decode, validate=True)
+_int_of = functools.partial(int, base=16)
+
+# The type table, one row per tag. Rows are ordered: the encoder takes the first row whose
+# types a value is an instance of (a datetime is a date too). Notes on the payloads:
+# - set, frozenset: items sorted by their JSON text, so that the text is stable;
+# - datetime, time: an aware value keeps its UTC offset and comes back with a fixed-offset
+#   timezone (not the original ZoneInfo); decimal: str(d), so NaN, Infinity and the
+#   exponent survive (1.10 stays 1.10); bytes: a bytearray comes back as bytes;
+# - float: only nan, inf and -inf; int: only ints wider than 2000 bits (hex); str: only a
+#   string holding a surrogate pair as two code points, in pieces cut between the halves;
+#   dict: only a dict with the key "__lilota__", or [[key, value], ...] when a key holds a
+#   surrogate pair.
 # fmt: off
-_SPECIALS = {row.tag: row for row in (
-    _Special("tuple", (tuple,), True, _enc_items, list, tuple),
-    _Special("frozenset", (frozenset,), True, functools.partial(_enc_items, star=True), list, frozenset),
-    _Special("set", (set,), True, functools.partial(_enc_items, star=True), list, set),
-    _Special("datetime", (datetime,), False, datetime.isoformat, str, functools.partial(_from_iso, datetime.fromisoformat)),
-    _Special("date", (date,), False, date.isoformat, str, date.fromisoformat),
-    _Special("time", (time,), False, time.isoformat, str, functools.partial(_from_iso, time.fromisoformat)),
-    _Special("timedelta", (timedelta,), False, lambda v: [v.days, v.seconds, v.microseconds], list,
-             lambda p: timedelta(*_checked(p, len(p) == 3 and all(type(x) is int for x in p), "expected [days, seconds, microseconds]"))),
-    _Special("uuid", (UUID,), False, str, str, UUID),
-    _Special("decimal", (Decimal,), False, str, str, Decimal),
-    _Special("bytes", (bytes, bytearray), False, lambda v: base64.b64encode(v).decode("ascii"), str, lambda s: base64.b64decode(s, validate=True)),
-    _Special("float", (), False, lambda v: "nan" if math.isnan(v) else "inf" if v > 0 else "-inf", str,
-             lambda s: float(_checked(s, s in ("nan", "inf", "-inf"), "expected 'nan', 'inf' or '-inf'"))),
-    _Special("int", (), False, hex, str, lambda s: int(s, 16)),
-    _Special("str", (), False, _str_pieces, list, lambda p: "".join(_checked(p, all(type(x) is str for x in p), "expected a list of strings"))),
-    _Special("dict", (), False, _dict_payload, None, _dec_dict),
+_TAGGED_TYPES = {row.tag: row for row in (
+    #           tag          types              nests  encode              payload decode
+    _TaggedType("tuple",     (tuple,),          True,  _encode_items,      list,   tuple),
+    _TaggedType("frozenset", (frozenset,),      True,  _encode_set,        list,   frozenset),
+    _TaggedType("set",       (set,),            True,  _encode_set,        list,   set),
+    _TaggedType("datetime",  (datetime,),       False, datetime.isoformat, str,    _datetime_of),
+    _TaggedType("date",      (date,),           False, date.isoformat,     str,    date.fromisoformat),
+    _TaggedType("time",      (time,),           False, time.isoformat,     str,    _time_of),
+    _TaggedType("timedelta", (timedelta,),      False, _timedelta_parts,   list,   _timedelta_of),
+    _TaggedType("uuid",      (UUID,),           False, str,                str,    UUID),
+    _TaggedType("decimal",   (Decimal,),        False, str,                str,    Decimal),
+    _TaggedType("bytes",     (bytes, bytearray), False, _base64,           str,    _bytes_of),
+    _TaggedType("float",     (),                False, _float_text,        str,    _float_of),
+    _TaggedType("int",       (),                False, hex,                str,    _int_of),
+    _TaggedType("str",       (),                False, _str_pieces,        list,   _str_of),
+    _TaggedType("dict",      (),                False, _dict_payload,      None,   _dict_of),
 )}
 # fmt: on
 
@@ -596,25 +677,27 @@ class _Model:
     ``encode`` turns an instance into JSON, ``build`` makes one from a dict."""
 
     def __init__(self, cls: type) -> None:
-        self.cls, self.name = cls, _cname(cls)
+        self.cls, self.name = cls, _class_name(cls)
 
     def stored_fields(self) -> dict[str, Any] | None:
         """Stored key -> type hint, when the class says (for typed positions inside it)."""
         return None
 
-    def encode(self, v: Any, depth: int, hint: Any, pyd: bool) -> Any:
+    def encode(self, v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
         if depth >= MAX_DEPTH:
-            raise _Bad("", deep=v)
+            raise _PathError("", deep=v)
         d = self._call(v.as_dict, ".as_dict()")
         if not isinstance(d, dict):
-            raise _Bad(f"{self.name}.as_dict() returned {_tname(d)}; it must return a dict")
-        return _enc_fields(d.items(), d, depth, None, pyd, self.cls)
+            raise _PathError(
+                f"{self.name}.as_dict() returned {_type_name(d)}; it must return a dict"
+            )
+        return _encode_fields(d.items(), d, depth, None, in_pydantic, self.cls)
 
     def build(self, v: Any) -> Any:
         if isinstance(v, self.cls):
             return v
         if not isinstance(v, dict) and not self.takes_any():
-            raise _Bad(_expected_model(self.cls, v))
+            raise _PathError(_expected_model(self.cls, v))
         return self.from_dict(v)
 
     def takes_any(self) -> bool:
@@ -630,7 +713,7 @@ class _Model:
         try:
             return fn()
         except Exception as exc:
-            raise _Bad(f"{self.name}{what} raised {type(exc).__name__}: {exc}") from exc
+            raise _PathError(f"{self.name}{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 class _DataclassModel(_Model):
@@ -641,15 +724,15 @@ class _DataclassModel(_Model):
         self.names = tuple(f.name for f in dataclasses.fields(cls) if f.init)
         self.known = frozenset(f.name for f in dataclasses.fields(cls))  # init=False: ignored
         # Made when first used: a hint may name a class defined after this one.
-        self.plan: list[tuple[str, _Conv, bool]] | None = None
+        self.plan: list[tuple[str, _Converter, bool]] | None = None
 
     def stored_fields(self) -> dict[str, Any]:
         hints = _type_hints(self.cls)
         return {name: hints.get(name) for name in self.names}
 
-    def encode(self, v: Any, depth: int, hint: Any, pyd: bool) -> Any:
+    def encode(self, v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
         pairs = [(name, getattr(v, name)) for name in self.names]
-        return _enc_fields(pairs, v, depth, hint, pyd, self.cls)
+        return _encode_fields(pairs, v, depth, hint, in_pydantic, self.cls)
 
     def build(self, v: Any) -> Any:
         if isinstance(v, self.cls) or not isinstance(v, dict):
@@ -659,26 +742,28 @@ class _DataclassModel(_Model):
             if name in v:
                 try:
                     kwargs[name] = conv(v[name])
-                except _Bad as e:
+                except _PathError as e:
                     raise e.at(_attr_seg(name)) from e.__cause__
             elif required:
-                raise _Bad("missing required field").at(_attr_seg(name))
+                raise _PathError("missing required field").at(_attr_seg(name))
         unknown = [k for k in v if k not in self.known] if len(v) > len(kwargs) else None
         if unknown:
             fields = ", ".join(self.names)
-            raise _Bad(f"unknown field ({self.name} has fields {fields})").at(_attr_seg(unknown[0]))
+            raise _PathError(f"unknown field ({self.name} has fields {fields})").at(
+                _attr_seg(unknown[0])
+            )
         try:
             return self.cls(**kwargs)
         except Exception as exc:
-            raise _Bad(f"{self.name}(...) raised {type(exc).__name__}: {exc}") from exc
+            raise _PathError(f"{self.name}(...) raised {type(exc).__name__}: {exc}") from exc
 
-    def _make_plan(self) -> list[tuple[str, _Conv, bool]]:
+    def _make_plan(self) -> list[tuple[str, _Converter, bool]]:
         hints, missing = _type_hints(self.cls), dataclasses.MISSING
-        self.plan = [
-            (f.name, _converter(hints.get(f.name, Any)), f.default is f.default_factory is missing)
-            for f in dataclasses.fields(self.cls)
-            if f.init
-        ]
+        self.plan = []
+        for f in dataclasses.fields(self.cls):
+            required = f.default is missing and f.default_factory is missing
+            if f.init:
+                self.plan.append((f.name, _converter(hints.get(f.name, Any)), required))
         return self.plan
 
 
@@ -693,13 +778,13 @@ class _PydanticModel(_Model):
             if isinstance(key, str)
         }
 
-    def encode(self, v: Any, depth: int, hint: Any, pyd: bool) -> Any:
+    def encode(self, v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
         if depth >= MAX_DEPTH:
-            raise _Bad("", deep=v)
+            raise _PathError("", deep=v)
         dumped = self._call(lambda: v.model_dump(mode="python", by_alias=True), ".model_dump()")
         if not isinstance(dumped, dict):  # a RootModel
-            return _enc(dumped, depth, None, True)
-        return _enc_fields(dumped.items(), v, depth, hint, True, self.cls)
+            return _encode(dumped, depth, None, True)
+        return _encode_fields(dumped.items(), v, depth, hint, True, self.cls)
 
     def takes_any(self) -> bool:  # a RootModel validates any value
         return "root" in self.cls.model_fields and any(  # type: ignore[attr-defined]
@@ -710,8 +795,9 @@ class _PydanticModel(_Model):
         try:
             return self.cls.model_validate(d)  # type: ignore[attr-defined]
         except sys.modules["pydantic"].ValidationError as exc:
-            details = [(_loc(err["loc"]), _pydantic_message(err)) for err in exc.errors(include_url=False)]  # fmt: skip
-            raise _Bad("", details=details or [("", str(exc))]) from exc
+            errors = exc.errors(include_url=False)
+            details = [(_loc(err["loc"]), _pydantic_message(err)) for err in errors]
+            raise _PathError("", details=details or [("", str(exc))]) from exc
 
 
 def _loc(loc: Iterable[Any]) -> str:
@@ -762,7 +848,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
         return typing.get_type_hints(cls)
     except Exception as exc:
         raise RegistrationError(
-            f"cannot resolve the type hints of {_cname(cls)}: {exc}; lilota needs "
+            f"cannot resolve the type hints of {_class_name(cls)}: {exc}; lilota needs "
             "them to store and rebuild it: make every type it names importable from its "
             "module (define it at module level)"
         ) from exc
@@ -824,24 +910,24 @@ def _make_shape(hint: Any) -> _Shape | None:
     items = tuple_items = values = None
     by_class: dict[type, dict[str, Any]] = {}
     found = dict_arm = False
-    for arm in _arms(hint):
+    for arm in _arms(hint):  # the first arm that says something about items or values wins
         origin, args = get_origin(arm), get_args(arm)
         free = items is None and tuple_items is None
-        if origin in _SEQUENCES or origin in _SETS:
-            items, found = (args[0], True) if args and free else (items, found)
+        model = _model_of(arm) if origin is None else None
+        fields = model.stored_fields() if model is not None else None
+        if (origin in _SEQUENCES or origin in _SETS) and args and free:
+            items, found = args[0], True
         elif origin is tuple and free:
-            variadic = len(args) == 2 and args[1] is Ellipsis
-            items = args[0] if variadic else None
-            tuple_items = args if not variadic and args and args != ((),) else None
+            if len(args) == 2 and args[1] is Ellipsis:
+                items = args[0]
+            elif args and args != ((),):
+                tuple_items = args
             found = True
         elif origin in _MAPPINGS:
             dict_arm = True
-            values, found = (
-                (args[1], True) if len(args) == 2 and values is None else (values, found)
-            )
-        elif (model := _model_of(arm)) is not None and (
-            fields := model.stored_fields()
-        ) is not None:
+            if len(args) == 2 and values is None:
+                values, found = args[1], True
+        elif fields is not None:
             by_class[arm], found = fields, True
     fields = next(iter(by_class.values())) if len(by_class) == 1 and not dict_arm else None
     return _Shape(items, tuple_items, values, by_class, fields) if found else None
@@ -854,10 +940,10 @@ def _identity(v: Any) -> Any:
     return v
 
 
-_CONVERTERS: dict[Any, _Conv] = {}
+_CONVERTERS: dict[Any, _Converter] = {}
 
 
-def _converter(tp: Any) -> _Conv:
+def _converter(tp: Any) -> _Converter:
     """The (cached) function that rebuilds a decoded value as type ``tp``."""
     try:
         return _CONVERTERS[tp]
@@ -867,7 +953,7 @@ def _converter(tp: Any) -> _Conv:
         return _make_converter(tp)
 
 
-def _make_converter(tp: Any) -> _Conv:
+def _make_converter(tp: Any) -> _Converter:
     tp = _strip(tp)
     origin = get_origin(tp)
     if tp is Any or tp is object or isinstance(tp, TypeVar):
@@ -889,9 +975,9 @@ def _make_converter(tp: Any) -> _Conv:
     return _converter(dict[str, Any]) if typing.is_typeddict(cls) else _instance_of(cls)
 
 
-def _instance_of(cls: type, name: str = "") -> _Conv:
+def _instance_of(cls: type, name: str = "") -> _Converter:
     """A converter that accepts an instance of ``cls`` as it is, and nothing else."""
-    name = name or _cname(cls)
+    name = name or _class_name(cls)
 
     def conv(v: Any) -> Any:
         if isinstance(v, cls):
@@ -921,7 +1007,7 @@ def _to_float(v: Any) -> Any:
     try:
         return float(v)
     except OverflowError:
-        raise _Bad(f"expected float, got an int too large for a float: {_short(v)}") from None
+        raise _PathError(f"expected float, got an int too large for a float: {_short(v)}") from None
 
 
 def _to_decimal(v: Any) -> Any:
@@ -938,16 +1024,17 @@ def _to_bytes(v: Any, make: type = bytes) -> Any:
     return v if make is bytes and isinstance(v, bytes) else make(v)
 
 
-_SCALARS: dict[Any, _Conv] = {
+_SCALARS: dict[Any, _Converter] = {
     **{cls: _instance_of(cls) for cls in (bool, str, datetime, date, time, timedelta, UUID)},
     **{_NoneType: _to_none, int: _to_int, float: _to_float, Decimal: _to_decimal},
     **{bytes: _to_bytes, bytearray: functools.partial(_to_bytes, make=bytearray)},
 }
-_BARE = {list: list[Any], tuple: tuple[Any, ...], set: set[Any], frozenset: frozenset[Any], dict: dict[str, Any]}  # fmt: skip
+_BARE = {list: list[Any], tuple: tuple[Any, ...], set: set[Any], frozenset: frozenset[Any]}
+_BARE[dict] = dict[str, Any]
 
 
-def _sequence_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
-    item, name = _converter(args[0]) if args else _identity, _hname(tp)
+def _sequence_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
+    item, name = _converter(args[0]) if args else _identity, _hint_name(tp)
     keep_tuple = get_origin(tp) is not list
 
     def conv(v: Any) -> Any:
@@ -959,15 +1046,15 @@ def _sequence_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
         for i, x in enumerate(v):
             try:
                 out.append(item(x))
-            except _Bad as e:
+            except _PathError as e:
                 raise e.at(f"[{i}]") from e.__cause__
         return tuple(out) if keep_tuple and isinstance(v, tuple) else out
 
     return conv
 
 
-def _tuple_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
-    name, variadic = _hname(tp), len(args) == 2 and args[1] is Ellipsis
+def _tuple_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
+    name, variadic = _hint_name(tp), len(args) == 2 and args[1] is Ellipsis
     if variadic or not args:  # tuple[X, ...] or tuple: as a sequence, made a tuple
         as_list = _sequence_converter(tp, args[:1])
         return lambda v: tuple(as_list(v))
@@ -977,20 +1064,20 @@ def _tuple_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
         if not isinstance(v, (list, tuple)):
             raise _expect(name, v)
         if len(v) != len(fixed):
-            raise _Bad(f"expected {name} ({len(fixed)} items), got {len(v)} items")
+            raise _PathError(f"expected {name} ({len(fixed)} items), got {len(v)} items")
         out = []
         for i, x in enumerate(v):
             try:
                 out.append(fixed[i](x))
-            except _Bad as e:
+            except _PathError as e:
                 raise e.at(f"[{i}]") from e.__cause__
         return tuple(out)
 
     return conv
 
 
-def _set_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
-    item, name = _converter(args[0]) if args else _identity, _hname(tp)
+def _set_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
+    item, name = _converter(args[0]) if args else _identity, _hint_name(tp)
     make: Callable[[Any], Any] = frozenset if get_origin(tp) is frozenset else set
 
     def conv(v: Any) -> Any:
@@ -1000,18 +1087,18 @@ def _set_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
         for i, x in enumerate(v):
             try:
                 out.append(item(x))
-            except _Bad as e:
+            except _PathError as e:
                 raise e.at("{*}" if isinstance(v, (set, frozenset)) else f"[{i}]") from e.__cause__
         try:
             return make(out)
         except TypeError as exc:
-            raise _Bad(f"expected {name}, got unhashable items: {exc}") from exc
+            raise _PathError(f"expected {name}, got unhashable items: {exc}") from exc
 
     return conv
 
 
-def _dict_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
-    name = _hname(tp)
+def _dict_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
+    name = _hint_name(tp)
     key = _converter(args[0]) if len(args) == 2 and args[0] is not str else _identity
     value = _converter(args[1]) if len(args) == 2 else _identity
 
@@ -1024,28 +1111,29 @@ def _dict_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
         for k, x in v.items():
             try:
                 k2 = key(k)
-            except _Bad as e:
-                raise _Bad(f"bad key: {e.message}").at(f"[{k!r}]") from e.__cause__
+            except _PathError as e:
+                raise _PathError(f"bad key: {e.message}").at(f"[{k!r}]") from e.__cause__
             try:
                 out[k2] = value(x)
-            except _Bad as e:
+            except _PathError as e:
                 raise e.at(f"[{k!r}]") from e.__cause__
         return out
 
     return conv
 
 
-def _union_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
+def _union_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
     stripped = [_strip(a) for a in args]
     hints = [a for a in stripped if a is not _NoneType]
-    convs, has_none, name = [_converter(a) for a in hints], _NoneType in stripped, _hname(tp)
+    convs, has_none, name = [_converter(a) for a in hints], _NoneType in stripped, _hint_name(tp)
     if len(convs) == 1:
         only = convs[0]
         return (lambda v: None if v is None else only(v)) if has_none else only
     # A value is tried first against the arms it is exactly the decoded type of (an int
     # against int before float), then against the others, in declared order.
     exact = [get_origin(a) or a for a in hints]
-    arms = [(c, e if e in _SCALARS or e in _BARE else None) for c, e in zip(convs, exact, strict=True)]  # fmt: skip
+    exact = [e if e in _SCALARS or e in _BARE else None for e in exact]
+    arms = list(zip(convs, exact, strict=True))
     orders = {t: [c for c, e in arms if e is t] + [c for c, e in arms if e is not t] for t in exact}
 
     def conv(v: Any) -> Any:
@@ -1054,7 +1142,7 @@ def _union_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
         for arm in orders.get(type(v), convs):
             try:
                 return arm(v)
-            except _Bad:
+            except _PathError:
                 pass
         raise _expect(name, v)
 
@@ -1067,8 +1155,8 @@ def _same_kind(a: Any, b: Any) -> bool:
     return (isinstance(a, str) and isinstance(b, str)) or type(a) is type(b)
 
 
-def _literal_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
-    name = _hname(tp)
+def _literal_converter(tp: Any, args: tuple[Any, ...]) -> _Converter:
+    name = _hint_name(tp)
 
     def conv(v: Any) -> Any:
         for option in args:
@@ -1085,7 +1173,7 @@ def _literal_converter(tp: Any, args: tuple[Any, ...]) -> _Conv:
     return conv
 
 
-def _enum_converter(cls: type[Enum]) -> _Conv:
+def _enum_converter(cls: type[Enum]) -> _Converter:
     def conv(v: Any) -> Any:
         if isinstance(v, cls):
             return v
@@ -1096,13 +1184,15 @@ def _enum_converter(cls: type[Enum]) -> _Conv:
         if member is None or not _same_kind(v, member.value):
             values = ", ".join(_short(m.value, 30) for m in list(cls)[:10])
             more = ", ..." if len(cls) > 10 else ""
-            raise _Bad(f"expected {_cname(cls)} (a value of {values}{more}), got {_describe(v)}")
+            raise _PathError(
+                f"expected {_class_name(cls)} (a value of {values}{more}), got {_describe(v)}"
+            )
         return member
 
     return conv
 
 
-_GENERICS: dict[Any, Callable[[Any, tuple[Any, ...]], _Conv]] = {
+_GENERICS: dict[Any, Callable[[Any, tuple[Any, ...]], _Converter]] = {
     **dict.fromkeys((Union, types.UnionType), _union_converter),
     **dict.fromkeys(_SEQUENCES, _sequence_converter),
     **dict.fromkeys(_SETS, _set_converter),
