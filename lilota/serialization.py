@@ -340,16 +340,20 @@ def _find_encoder(cls: type) -> _EncodeFn:
         if issubclass(cls, base):  # stored as the base type's value
             return lambda v, *walk: _encode(to_base(v), *walk)
     row = next((row for row in _TAGGED_TYPES.values() if issubclass(cls, row.types)), None)
-    if row is not None and row.nests:
-        return lambda v, *walk: {TAG: row.tag, "v": row.encode(v, *walk)}
     if row is not None:
-        return lambda v, *_: {TAG: row.tag, "v": row.encode(v)}
+        return _row_encoder(row.tag, row.encode, row.nests)
     if issubclass(cls, dict):
         return _encode_dict
     if issubclass(cls, list):
         return _encode_items
     model = _model_of(cls)
     return model.encode if model is not None else _encode_unsupported
+
+
+def _row_encoder(tag: str, encode: Callable[..., Any], nests: bool) -> _EncodeFn:
+    if nests:  # a container: its encode walks the items
+        return lambda v, *walk: {TAG: tag, "v": encode(v, *walk)}
+    return lambda v, *_: {TAG: tag, "v": encode(v)}
 
 
 def _encode_dict(d: dict[Any, Any], depth: int, hint: Any, in_pydantic: bool) -> Any:
@@ -506,9 +510,9 @@ def _encode_unsupported(v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any
 def _decode(x: Any) -> Any:
     """Decode the tags in a freshly parsed JSON value (containers are changed in place)."""
     t = type(x)
-    if t is dict and TAG in x:
-        return _decode_tag(x)
     if t is dict:
+        if TAG in x:
+            return _decode_tag(x)
         for k, y in x.items():
             if type(y) is dict or type(y) is list:
                 try:
@@ -531,17 +535,18 @@ def _decode_tag(x: dict[str, Any]) -> Any:
         raise _PathError(
             f"malformed lilota tag {_short(x)}: expected {{{TAG!r}: tag, 'v': payload}}"
         )
-    row = _TAGGED_TYPES.get(tag) if type(tag) is str else None
-    if row is None:
+    try:
+        payload, nests, decode = _DECODERS[tag]
+    except (KeyError, TypeError):  # TypeError: a tag that is a list or a dict
         raise _PathError(
             f"unknown lilota tag {_short(tag)}; it was written by a newer lilota, or the "
             "stored text was changed by hand"
-        )
-    v, (_, _, nests, _, payload, decode) = x["v"], row
+        ) from None
+    v = x["v"]
     if payload is not None and type(v) is not payload:
         raise _PathError(f"the {tag!r} tag needs a {payload.__name__} payload, got {_describe(v)}")
     try:
-        return decode(_decode(v) if nests else v)
+        return decode(_decode(v)) if nests else decode(v)
     except (ValueError, TypeError, OverflowError, binascii.Error, InvalidOperation) as exc:
         raise _PathError(f"cannot decode the {tag!r} value {_short(v)}: {exc}") from exc
 
@@ -633,10 +638,16 @@ def _base64(value: bytes | bytearray) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
+def _bytes_of(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def _int_of(text: str) -> int:
+    return int(text, 16)
+
+
 _datetime_of = functools.partial(_from_iso, datetime.fromisoformat)
 _time_of = functools.partial(_from_iso, time.fromisoformat)
-_bytes_of = functools.partial(base64.b64decode, validate=True)
-_int_of = functools.partial(int, base=16)
 
 # The type table, one row per tag. Rows are ordered: the encoder takes the first row whose
 # types a value is an instance of (a datetime is a date too). Notes on the payloads:
@@ -667,6 +678,8 @@ _TAGGED_TYPES = {row.tag: row for row in (
     _TaggedType("dict",      (),                False, _dict_payload,      None,   _dict_of),
 )}
 # fmt: on
+# The decoder's view of the table: tag -> (payload, nests, decode).
+_DECODERS = {row.tag: (row.payload, row.nests, row.decode) for row in _TAGGED_TYPES.values()}
 
 
 # --------------------------------------------------------------------------- models
