@@ -748,10 +748,11 @@ class _DataclassModel(_Model):
         return _encode_fields(pairs, v, depth, hint, in_pydantic, self.cls)
 
     def build(self, v: Any) -> Any:
-        if isinstance(v, self.cls) or not isinstance(v, dict):
+        cls, plan = self.cls, self.plan
+        if isinstance(v, cls) or not isinstance(v, dict):
             return super().build(v)
         kwargs: dict[str, Any] = {}
-        for name, conv, required in self._make_plan() if self.plan is None else self.plan:
+        for name, conv, required in self._make_plan() if plan is None else plan:
             if name in v:
                 try:
                     kwargs[name] = conv(v[name])
@@ -766,7 +767,7 @@ class _DataclassModel(_Model):
                 _attr_seg(unknown[0])
             )
         try:
-            return self.cls(**kwargs)
+            return cls(**kwargs)
         except Exception as exc:
             raise _PathError(f"{self.name}(...) raised {type(exc).__name__}: {exc}") from exc
 
