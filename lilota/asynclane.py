@@ -39,6 +39,7 @@ from lilota.store import TaskStore
 
 if TYPE_CHECKING:
     from lilota.ledger import Ledger, Running
+    from lilota.listeners import Listener
     from lilota.models import Claim, Outcome
     from lilota.registry import Registry, TaskDefinition
     from lilota.settings import WorkerSettings
@@ -98,7 +99,7 @@ class AsyncLane:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._listen_thread: threading.Thread | None = None
-        self._listener: Any = None
+        self._listener: Listener | None = None
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lilota-loop-db")
         # One thread: the progress of a task is written in the order it was set.
         self._progress = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lilota-progress")

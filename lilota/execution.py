@@ -166,7 +166,7 @@ class Call:
     claim: Claim
     definition: TaskDefinition
     progress: TaskProgress
-    context: Any
+    context: TaskContext | None
     clock: Callable[[], datetime]
 
     @property

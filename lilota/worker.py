@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from types import FrameType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lilota import execution
 from lilota.errors import DatabaseError, LilotaError, WorkerExit
@@ -48,6 +48,11 @@ from lilota.settings import (
     default_db_url,
 )
 from lilota.store import TaskStore, parse_url
+
+if TYPE_CHECKING:
+    from lilota.asynclane import AsyncLane
+    from lilota.listeners import Listener
+    from lilota.schedules import TickThread
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +108,7 @@ class WorkerLoop:
         self._floors = {d.name: d.retry.max_attempts for d in registry}
         self._stopping = threading.Event()
         self._avg_duration = 1.0  # seconds; starts pessimistic: claim one at a time
-        self._listener: Any = None
+        self._listener: Listener | None = None
         self.keeper = LeaseKeeper(
             store,
             self.ledger,
@@ -114,7 +119,7 @@ class WorkerLoop:
             end_process=self.abandon,
             on_cancel=self._poke_async,
         )
-        self.async_lane: Any = None
+        self.async_lane: AsyncLane | None = None
         if any(d.runs_on_loop for d in registry):
             from lilota.asynclane import AsyncLane
 
@@ -127,7 +132,7 @@ class WorkerLoop:
                 stopping=self._stopping,
                 on_crash=self.request_stop,
             )
-        self._ticks: Any = None
+        self._ticks: TickThread | None = None
         periodic = {d.name: d for d in registry if d.schedule is not None}
         if periodic:
             from lilota.schedules import TickThread
