@@ -92,7 +92,7 @@ class AsyncLane:
         on_loop = [d for d in registry if d.runs_on_loop]
         self.async_names = frozenset(d.name for d in on_loop if not d.cpu_bound)
         self.cpu_names = frozenset(d.name for d in on_loop if d.cpu_bound)
-        self._floors = {d.name: d.retry.max_attempts for d in on_loop}
+        self._floors = registry.floors(d.name for d in on_loop)
         self._tasks: dict[int, asyncio.Task[None]] = {}  # loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -256,9 +256,9 @@ class AsyncLane:
         )
 
     def _start(self, claim: Claim) -> None:
-        definition = self.registry.find(claim.name)
-        running = None if definition is None else self.ledger.start(claim, definition, "async")
-        if running is None:  # cancelled before it started (unknown names are not claimed)
+        definition = self.registry.get(claim.name)  # claims are filtered by name
+        running = self.ledger.start(claim, definition, "async")
+        if running is None:  # cancelled before it started
             self.ledger.record(execution.cancelled_before_start(claim))
             self.poke()
             return
@@ -334,6 +334,9 @@ class AsyncLane:
         except BrokenProcessPool:
             lost = WorkerLost(f"task {claim.id}: the pool process running it ended")
             outcome = execution.failed(claim, definition, lost, now())
+        except Exception as error:  # e.g. a cpu_bound task that cannot be pickled
+            log.error("task %d (%s) could not be run: %r", claim.id, claim.name, error)
+            outcome = execution.failed(claim, definition, error, now())
         if running.timed_out:
             outcome = execution.timed_out(claim, definition, now())
         elif running.forced_at is not None:

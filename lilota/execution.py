@@ -4,12 +4,14 @@ Every place that runs a task goes through here: the worker's sync lane, its asyn
 the ``cpu_bound`` pool processes, and ``lilota.testing``'s inline mode (through
 :meth:`lilota.worker.WorkerLoop.run_once`). The steps:
 
-1. :func:`prepare` builds what the function is handed: the :class:`TaskProgress` that
-   writes to the store, the :class:`~lilota.context.TaskContext`, and the input rebuilt
-   as the task's ``input_model``.
+1. :func:`prepare` builds what the run is handed besides its input: the
+   :class:`TaskProgress` that writes to the store and the
+   :class:`~lilota.context.TaskContext`.
 2. :func:`execute` (a plain function; a coroutine function runs in ``asyncio.run``) or
-   :func:`execute_async` (on a running event loop) calls it and turns what happened
-   into an :class:`~lilota.models.Outcome`; they never raise for what the task did.
+   :func:`execute_async` (on a running event loop) rebuilds the input as the task's
+   ``input_model``, calls the function and turns what happened into an
+   :class:`~lilota.models.Outcome` (an input that does not fit fails the attempt like
+   any error); they never raise for what the task did.
 3. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
    :func:`cancelled`, ...): the only places an Outcome of a run is made, and every error
    record comes from :meth:`lilota.models.TaskError.from_exception`.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lilota import serialization
 from lilota.context import TaskContext
 from lilota.errors import (
+    DatabaseError,
     InvalidInput,
     SerializationError,
     TaskCancelled,
@@ -211,7 +214,6 @@ def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]
 def progress_writer(store: TaskStore, claim: Claim) -> Callable[[int], None]:
     """Write progress of ``claim`` to ``store``; never fails the task (progress is for
     people watching): a write that cannot be made is logged."""
-    from lilota.errors import DatabaseError
 
     def write(percentage: int) -> None:
         try:

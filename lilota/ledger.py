@@ -85,9 +85,11 @@ class Ledger:
             return bool(self._queued)
 
     def take_queued(self) -> list[Claim]:
+        """The claims not started, to give back (their cancellation requests go too)."""
         with self._lock:
             claims = list(self._queued)
             self._queued.clear()
+            self._cancel_requested.difference_update(c.id for c in claims)
         return claims
 
     # -------------------------------------------------------------- running
@@ -97,6 +99,7 @@ class Ledger:
         requested before it started."""
         with self._lock:
             if claim.id in self._cancel_requested:
+                self._cancel_requested.discard(claim.id)  # this claim ends cancelled
                 return None
             running = Running(claim=claim, definition=definition, lane=lane)
             self._running[claim.id] = running
@@ -156,16 +159,16 @@ class Ledger:
         with self._lock:
             return bool(self._running or self._queued or self._unrecorded)
 
-    def is_cancel_requested(self, task_id: int) -> bool:
-        with self._lock:
-            return task_id in self._cancel_requested
-
     def note_cancel_requested(self, ids: Iterable[int]) -> list[Running]:
-        """Remember the ids; tell the running ones. Returns those newly told."""
+        """Tell the running ones; remember the queued ones, which then never start (only
+        until their claim ends: a task retried later and claimed again runs). Returns the
+        running ones newly told."""
         now = time.monotonic()
         told: list[Running] = []
+        ids = set(ids)
         with self._lock:
-            self._cancel_requested.update(ids)
+            queued = {c.id for c in self._queued}
+            self._cancel_requested.update(i for i in ids if i in queued)
             for task_id in ids:
                 running = self._running.get(task_id)
                 if running is not None and not running.cancel_event.is_set():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 import re
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, get_type_hints
@@ -81,7 +81,7 @@ class TaskDefinition:
     timeout: timedelta | None = None
     is_async: bool = False
     schedule: Any = None  # a lilota.schedules.Schedule for periodic tasks
-    cpu_bound: bool = False  # runs in a process pool of the worker (lilota.asyncworker)
+    cpu_bound: bool = False  # runs in a process pool of the worker (lilota.asynclane)
 
     @property
     def runs_on_loop(self) -> bool:
@@ -277,6 +277,13 @@ class Registry:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(self._tasks)
+
+    def floors(self, names: Iterable[str] | None = None) -> dict[str, int]:
+        """The registered attempt limits by name (of ``names``, default all): a claim
+        raises a task's stored max_attempts to these (a scheduler that did not know the
+        task stored 1), in the claim's own transaction."""
+        wanted = self._tasks if names is None else names
+        return {name: effective_max_attempts(self._tasks[name]) for name in wanted}
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks

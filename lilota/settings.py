@@ -112,22 +112,33 @@ def _heartbeat_for(lease: timedelta) -> timedelta:
     return timedelta(seconds=min(1.0, lease.total_seconds() / 3))
 
 
+def _env_number(variable: str, kind: type[float] | type[int]) -> Any:
+    """``$variable`` as ``kind``; None if unset; ConfigurationError naming it if malformed."""
+    text = os.environ.get(variable)
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigurationError(f"{variable} must be a {kind.__name__}, got {text!r}") from None
+
+
 def _user_env() -> dict[str, Any]:
     """The settings a user put in the environment."""
     values: dict[str, Any] = {}
-    lease = os.environ.get(ENV_LEASE_SECONDS)
-    if lease:
-        values["lease"] = timedelta(seconds=float(lease))
+    lease = _env_number(ENV_LEASE_SECONDS, float)
+    if lease is not None:
+        values["lease"] = timedelta(seconds=lease)
         values["heartbeat"] = _heartbeat_for(values["lease"])
-    grace = os.environ.get(ENV_CANCEL_GRACE_SECONDS)
-    if grace:
-        values["cancel_grace"] = timedelta(seconds=float(grace))
+    grace = _env_number(ENV_CANCEL_GRACE_SECONDS, float)
+    if grace is not None:
+        values["cancel_grace"] = timedelta(seconds=grace)
     for option, variable in (
         ("async_concurrency", ENV_ASYNC_CONCURRENCY),
         ("cpu_bound_processes", ENV_CPU_BOUND_PROCESSES),
     ):
-        if os.environ.get(variable):
-            values[option] = int(os.environ[variable])
+        if (number := _env_number(variable, int)) is not None:
+            values[option] = number
     return values
 
 

@@ -352,11 +352,6 @@ class TaskStore:
         params = {"b_id": task_id, "b_attempt": attempt, "b_progress": percentage}
         return bool(self._write(self.sql["progress"], params))
 
-    def raise_max_attempts(self, claims: Sequence[tuple[Claim, int]]) -> None:
-        """Set the attempt limit of held tasks (fenced by attempt)."""
-        params = [{"b_id": c.id, "b_attempt": c.attempt, "b_max": n} for c, n in claims]
-        self._write(self.sql["raise_max_attempts"], params)
-
     @transaction()
     def renew_leases(
         self,

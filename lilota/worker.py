@@ -38,15 +38,7 @@ from lilota.errors import DatabaseError, LilotaError, WorkerExit
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
-from lilota.settings import (
-    ENV_ASYNC_CONCURRENCY,
-    ENV_CANCEL_GRACE_SECONDS,
-    ENV_CPU_BOUND_PROCESSES,
-    ENV_LEASE_SECONDS,
-    ENV_SETTINGS,
-    WorkerSettings,
-    default_db_url,
-)
+from lilota.settings import WorkerSettings, default_db_url
 from lilota.store import TaskStore, parse_url
 
 if TYPE_CHECKING:
@@ -103,9 +95,7 @@ class WorkerLoop:
         # The sync lane runs plain functions; async and cpu_bound tasks are the async
         # lane's, periodic ticks the tick thread's (lilota.schedules).
         self.names = frozenset(d.name for d in registry if not d.runs_on_loop)
-        # Registered attempt limits: a claim raises a task's stored max_attempts to these
-        # (a scheduler that did not know the task stored 1), in the claim's transaction.
-        self._floors = {d.name: d.retry.max_attempts for d in registry}
+        self._floors = registry.floors()
         self._stopping = threading.Event()
         self._avg_duration = 1.0  # seconds; starts pessimistic: claim one at a time
         self._listener: Listener | None = None
@@ -140,7 +130,7 @@ class WorkerLoop:
             self._ticks = TickThread(
                 store,
                 {name: d.schedule for name, d in periodic.items()},
-                max_attempts={name: d.retry.max_attempts for name, d in periodic.items()},
+                max_attempts=registry.floors(periodic),
             )
 
     # --------------------------------------------------------------------- control
@@ -248,11 +238,21 @@ class WorkerLoop:
         none is due, with leases kept; returns how many ran (``lilota worker --burst``)."""
         names = self.registry.names
         self.keeper.start()
-        ran = 0
+        ran, backoff = 0, BACKOFF_FIRST
         try:
-            while not self._stopping.is_set() and (outcomes := self.run_once(names=names)):
-                ran += len(outcomes)
+            while not self._stopping.is_set():
+                try:
+                    outcomes = self.run_once(names=names)
+                except DatabaseError as e:  # the outcomes are kept: try again
+                    log.warning("database unavailable (%s); retrying in %.1f s", e, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                if not outcomes:
+                    break
+                ran, backoff = ran + len(outcomes), BACKOFF_FIRST
         finally:
+            self._record_the_rest()
             self.keeper.stop()
         return ran
 
@@ -330,6 +330,20 @@ class WorkerLoop:
             self.ledger.put_back(finished)
             raise
 
+    def _record_the_rest(self) -> None:
+        """Record what the ledger still holds, trying for a minute while the database is
+        away (the leases run on meanwhile: the keeper is still renewing them)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.flush()
+                return
+            except DatabaseError as e:
+                if time.monotonic() > deadline:
+                    log.error("could not record %d outcomes: %s", len(self.ledger.unrecorded), e)
+                    return
+                time.sleep(1.0)
+
     def _shutdown(self) -> None:
         if self._ticks is not None:
             self._ticks.stop()
@@ -337,16 +351,7 @@ class WorkerLoop:
             self._stopping.set()
             self.async_lane.poke()
             self.async_lane.join()  # its running tasks finish and are recorded
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.flush()
-                break
-            except DatabaseError as e:
-                if time.monotonic() > deadline:
-                    log.error("could not record %d outcomes: %s", len(self.ledger.unrecorded), e)
-                    break
-                time.sleep(1.0)
+        self._record_the_rest()
         self.keeper.stop()
         if self._listener is not None:
             self._listener.close()
@@ -530,11 +535,6 @@ class LilotaWorker:
 
 
 __all__ = [
-    "ENV_ASYNC_CONCURRENCY",
-    "ENV_CANCEL_GRACE_SECONDS",
-    "ENV_CPU_BOUND_PROCESSES",
-    "ENV_LEASE_SECONDS",
-    "ENV_SETTINGS",
     "LilotaWorker",
     "WorkerExit",
     "WorkerLoop",

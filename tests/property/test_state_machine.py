@@ -3,7 +3,7 @@
 A Hypothesis ``RuleBasedStateMachine`` plays several workers and a user against one
 ``TaskStore``: it schedules tasks (1-3 attempts, priorities, some due later), claims them
 by one of three workers (batches of 1-3, each worker serving its own task names), sets
-progress, completes, fails (the worker's own ``failure_outcome``: a retry while attempts
+progress, completes, fails (the worker's own ``execution.failed``: a retry while attempts
 are left, else failed), acknowledges cancellation, cancels, lets leases expire (a
 ``FakeClock`` moves past them) and recovers them, renews a worker's leases, releases
 claims (refunded or not), retries failed and cancelled tasks, and has workers whose
@@ -51,8 +51,8 @@ from hypothesis.stateful import (
 )
 
 from conftest import FakeClock
+from lilota import execution
 from lilota.errors import TaskAlreadyFinished
-from lilota.execution import failed as failure_outcome
 from lilota.registry import RetryPolicy, TaskDefinition
 from lilota.store import Claim, NewTask, Outcome, TaskStore
 
@@ -67,7 +67,7 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
 FINAL = (COMPLETED, FAILED, CANCELLED)
 # Worker i serves these of the example's task names.
 WORKER_NAMES = [("a", "b"), ("a",), ("b",)]
-# For the worker's failure_outcome: max_attempts=1 here, so the claim's own limit counts.
+# For execution.failed: max_attempts=1 here, so the claim's own limit counts.
 DEFINITION = TaskDefinition(
     name="any",
     func=lambda: None,
@@ -235,13 +235,13 @@ class TaskStoreMachine(RuleBasedStateMachine):
     @rule(data=st.data(), how=st.sampled_from([COMPLETED, FAILED, CANCELLED]))
     def finish(self, data: st.DataObject, how: str) -> None:
         """The worker records how its attempt ended: the task returned, raised (the
-        worker's own failure_outcome: a retry while attempts are left), or saw the
+        worker's own execution.failed: a retry while attempts are left), or saw the
         cancellation request and stopped."""
         live = self.pick(data)
         task = self.tasks[live.claim.id]
         expected = self.writable(live)
         if how == FAILED:
-            out = failure_outcome(live.claim, DEFINITION, RuntimeError("boom"), self.clock.now)
+            out = execution.failed(live.claim, DEFINITION, RuntimeError("boom"), self.clock.now)
             retry = live.claim.attempt < live.claim.max_attempts
             assert out.status == (PENDING if retry else FAILED)
         else:

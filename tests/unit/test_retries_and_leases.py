@@ -10,10 +10,8 @@ from datetime import timedelta
 import pytest
 
 from conftest import FakeClock
-from lilota import Lilota
+from lilota import Lilota, execution
 from lilota.errors import ConfigurationError, InvalidInput, SerializationError
-from lilota.execution import cancelled_while_running as cancelled_outcome
-from lilota.execution import failed as failure_outcome
 from lilota.models import TaskStatus
 from lilota.registry import DEFAULT_MAX_ATTEMPTS, MAX_RETRY_DELAY, Registry, RetryPolicy
 from lilota.settings import ENV_CANCEL_GRACE_SECONDS, ENV_LEASE_SECONDS, WorkerSettings
@@ -69,7 +67,7 @@ def test_tasks_get_three_attempts_unless_registered_otherwise() -> None:
 
 def test_failure_with_attempts_left_is_a_retry_after_the_backoff(clock: FakeClock) -> None:
     claim = Claim(id=7, name="job", input=None, attempt=2, max_attempts=3)
-    outcome = failure_outcome(claim, definition(retry_delay=1.0), ValueError("boom"), clock.now)
+    outcome = execution.failed(claim, definition(retry_delay=1.0), ValueError("boom"), clock.now)
     assert outcome.status == "pending"
     assert outcome.run_at is not None
     # attempt 2 failed: the second retry waits 2 s, less up to 25 % jitter
@@ -79,7 +77,7 @@ def test_failure_with_attempts_left_is_a_retry_after_the_backoff(clock: FakeCloc
 
 def test_failure_of_the_last_attempt_is_final(clock: FakeClock) -> None:
     claim = Claim(id=7, name="job", input=None, attempt=3, max_attempts=3)
-    outcome = failure_outcome(claim, definition(), ValueError("boom"), clock.now)
+    outcome = execution.failed(claim, definition(), ValueError("boom"), clock.now)
     assert (outcome.status, outcome.run_at) == ("failed", None)
     assert json.loads(outcome.exception or "")["type"] == "ValueError"
 
@@ -91,7 +89,7 @@ def test_an_input_or_output_that_cannot_work_is_not_retried(
     error: Exception, clock: FakeClock
 ) -> None:
     claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=3)
-    assert failure_outcome(claim, definition(), error, clock.now).status == "failed"
+    assert execution.failed(claim, definition(), error, clock.now).status == "failed"
 
 
 def test_retry_keeps_the_last_exception_and_counts_attempts_until_the_last_fails(
@@ -103,7 +101,7 @@ def test_retry_keeps_the_last_exception_and_counts_attempts_until_the_last_fails
         claimed = claim_one(store)
         assert claimed.attempt == attempt
         error = ConnectionError(f"attempt {attempt} failed")
-        store.finish([failure_outcome(claimed, job, error, clock.now)])
+        store.finish([execution.failed(claimed, job, error, clock.now)])
         task = store.get(task_id)
         assert task is not None and task.exception is not None
         assert (task.attempts, task.exception.message) == (attempt, f"attempt {attempt} failed")
@@ -124,7 +122,7 @@ def test_a_cancelled_task_that_fails_with_attempts_left_is_not_retried(store: Ta
     claimed = claim_one(store)
     assert store.cancel(task_id) is TaskStatus.RUNNING
     # the worker has not heard of the cancellation yet: it records a retry
-    retry = failure_outcome(claimed, definition(), ValueError("boom"), store.clock())
+    retry = execution.failed(claimed, definition(), ValueError("boom"), store.clock())
     assert retry.status == "pending"
     store.finish([retry])
     task = store.get(task_id)
@@ -168,7 +166,7 @@ def test_an_attempt_told_to_cancel_ends_cancelled_however_it_ended(
         output=output,
         exception=None if status == "completed" else error,
     )
-    cancelled = cancelled_outcome(outcome)
+    cancelled = execution.cancelled_while_running(outcome)
     assert (cancelled.status, cancelled.output, cancelled.run_at) == ("cancelled", output, None)
     exception = json.loads(cancelled.exception or "")
     assert exception["type"] == "lilota.errors.TaskCancelled"

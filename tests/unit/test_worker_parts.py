@@ -21,6 +21,8 @@ from lilota.settings import WorkerSettings
 from lilota.store import NewTask, TaskStore
 from lilota.worker import WorkerLoop
 
+LEASE = timedelta(seconds=30)
+
 
 class Interrupted(BaseException):
     """Stands for KeyboardInterrupt (or pytest.fail) raised inside a task."""
@@ -78,16 +80,24 @@ def test_an_exception_escaping_a_task_is_recorded_then_raised_and_the_rest_given
     assert loop.ledger.held_ids() == set()
 
 
-def test_a_task_cancelled_before_it_starts_is_not_run(store: TaskStore) -> None:
+def test_a_claimed_task_cancelled_before_it_starts_is_not_run_and_a_later_claim_runs(
+    store: TaskStore,
+) -> None:
     task_id = store.add(NewTask(name="double", input='{"n": 1}'))
     loop = make_loop(store)
-    loop.ledger.note_cancel_requested([task_id])
+    [claim] = store.claim(worker_id=loop.worker_id, names=["double"], limit=1, lease=LEASE)
+    loop.ledger.queue([claim])
+    assert store.cancel(task_id) == TaskStatus.RUNNING
+    assert loop.keeper.renew()  # the renewal tells the worker
 
-    [outcome] = loop.run_once()
+    [outcome] = loop._run_claims([], None)
+    loop.flush()
 
     assert outcome.status == "cancelled"
     task = store.get(task_id)
     assert task is not None and task.status == TaskStatus.CANCELLED and task.output is None
+    store.retry(task_id)  # run it after all: the old request must not stop the new claim
+    assert [o.status for o in loop.run_once()] == ["completed"]
 
 
 def test_the_ledger_holds_queued_running_and_unrecorded_tasks(store: TaskStore) -> None:
