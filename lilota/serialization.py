@@ -239,12 +239,12 @@ def _row_encoder(tag: str, encode: Callable[..., Any], nests: bool) -> _EncodeFn
 def _model_encoder(model: _Model) -> _EncodeFn:
     """How an instance of a model kind is stored: the fields it names, as a JSON object (or,
     for a pydantic RootModel, its root in its place)."""
-    cls, typed, pydantic = model.cls, model.typed, model.pydantic
+    cls, typed, pydantic, stored = model.cls, model.typed, model.pydantic, model.stored
 
     def encode(v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
         if depth >= MAX_DEPTH:  # before asking the model (an as_dict() dict is new each time)
             raise _TooDeep(v)
-        pairs, owner = model.stored(v)
+        pairs, owner = stored(v)
         if pairs is None:
             return _encode(owner, depth, None, True)
         hint = hint if typed else None
