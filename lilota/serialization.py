@@ -18,7 +18,8 @@ string, exact float and big int survives. The seams:
   for a model lilota cannot store.
 
 ``build``, ``check_model`` and the model kinds live in :mod:`lilota.conversion` (typed
-values); this module owns the format: the type table, the encoder and the decoder.
+values), the path error and the message helpers in :mod:`lilota.scalars` (single values);
+this module owns the format: the type table, the encoder and the decoder.
 Every message names the path of the bad value (``input.items[2].when``, ``input['k']``; set
 items show as ``{*}``), its type, and what to do instead.
 
