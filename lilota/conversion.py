@@ -123,6 +123,7 @@ class _Model:
     ``stored`` says what to store for an instance, ``build`` makes one from a dict."""
 
     typed = False  # the encoder passes the position's hint to the fields (stored_fields)
+    calls = True  # stored() calls the class's code: the encoder checks the depth before
     pydantic = False  # its fields may hold other values that pydantic can make JSON of
 
     def __init__(self, cls: type) -> None:
@@ -135,7 +136,7 @@ class _Model:
     def stored(self, v: Any) -> tuple[_Pairs | None, Any]:
         """What to store for the instance ``v``: ``(pairs, owner)``, the (key, value) pairs of
         a JSON object and the object its path passes through (to tell a cycle), or
-        ``(None, value)``: store ``value`` in its place. The encoder checks the depth first."""
+        ``(None, value)``: store ``value`` in its place."""
         d = self._call(v.as_dict, ".as_dict()")
         if not isinstance(d, dict):
             raise _PathError(
@@ -169,7 +170,7 @@ class _Model:
 class _DataclassModel(_Model):
     """A dataclass: its ``init`` fields, rebuilt one by one from its type hints."""
 
-    typed = True
+    typed, calls = True, False  # stored() reads attributes; the depth is checked after
 
     def __init__(self, cls: type) -> None:
         super().__init__(cls)

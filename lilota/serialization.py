@@ -241,9 +241,10 @@ def _model_encoder(model: _Model) -> _EncodeFn:
     """How an instance of a model kind is stored: the fields it names, as a JSON object (or,
     for a pydantic RootModel, its root in its place)."""
     cls, typed, pydantic, stored = model.cls, model.typed, model.pydantic, model.stored
+    calls = model.calls
 
     def encode(v: Any, depth: int, hint: Any, in_pydantic: bool) -> Any:
-        if depth >= MAX_DEPTH:  # before asking the model (an as_dict() dict is new each time)
+        if calls and depth >= MAX_DEPTH:  # else _encode_fields checks it, after stored()
             raise _TooDeep(v)
         pairs, owner = stored(v)
         if pairs is None:
