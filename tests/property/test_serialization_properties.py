@@ -231,8 +231,21 @@ HASHABLE_SPECS: list[Spec] = [
     (tuple[int, str], st.tuples(INTS, TEXT)),
 ]
 
+try:
+    from pydantic import BaseModel as _PydanticBase
+except ImportError:  # pydantic is optional; its tests are skipped without it
+    _PydanticBase = None
+
+
+def _shadows_base_model(name: str) -> bool:
+    """A pydantic field with this name (``mro``, ``json``, ``copy``...) shadows a BaseModel
+    attribute: pydantic warns, and with warnings as errors the example fails before lilota
+    runs."""
+    return _PydanticBase is not None and hasattr(_PydanticBase, name)
+
+
 FIELD_NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).filter(
-    lambda s: not keyword.iskeyword(s) and s != "self"
+    lambda s: not keyword.iskeyword(s) and s != "self" and not _shadows_base_model(s)
 )
 _counter = itertools.count()
 
