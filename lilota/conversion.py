@@ -60,9 +60,11 @@ _Pairs = Iterable[tuple[Any, Any]]  # a model's (stored key, value) pairs
 
 def build(value: Any, model: type | None, *, root: str = "input") -> Any:
     """Rebuild a :func:`loads`-decoded value as ``model`` (None or ``dict``: as it is; a
-    ``value`` of None for a model class: "no fields given"). Raises ``InvalidInput`` naming
-    the field path: ``input.b: missing required field``, ``input.a: expected int, got...``."""
-    if model is None or model is dict:
+    ``value`` of None for a model class: "no fields given"). A parametrised dict or Mapping
+    (``dict[str, int]``) is a dict whose keys and values are rebuilt as its types; None
+    stays None, as for ``dict``. Raises ``InvalidInput`` naming the field path:
+    ``input.b: missing required field``, ``input.a: expected int, got...``."""
+    if model is None or model is dict or (value is None and _is_mapping(model)):
         return value
     conv = _converter(model)
     try:
@@ -81,24 +83,30 @@ def build(value: Any, model: type | None, *, root: str = "input") -> Any:
 def check_model(model: object, *, role: str) -> None:
     """Raise ``RegistrationError`` (naming ``role`` and ``model``) unless ``model`` is None,
     ``dict``, a dataclass (whose type hints, and those of the dataclasses it names, resolve),
-    a pydantic v2 model or a class with ``as_dict()`` (:class:`~lilota.models.ModelProtocol`)."""
+    a pydantic v2 model, a class with ``as_dict()`` (:class:`~lilota.models.ModelProtocol`)
+    or a dict/Mapping of any parametrisation (``dict[str, int]``: a dict, see :func:`build`)."""
     found = _model_of(model)
-    if isinstance(found, _DataclassModel):
+    if isinstance(found, _DataclassModel) or _is_mapping(model):
         _check_hints(model, set())
-    if model is None or model is dict or found is not None:
+    if model is None or model is dict or found is not None or _is_mapping(model):
         return
     if _is_pydantic(model, "pydantic.v1"):
         advice = "pydantic v1 models are not supported; use pydantic v2 (pydantic.BaseModel)"
     elif not isinstance(model, type) and _model_of(type(model)) is not None:
         advice = f"pass the class {_class_name(type(model))} itself, not an instance"
-    elif get_origin(model) in _MAPPINGS:
-        advice = "use dict (lilota does not check the key and value types of a plain dict)"
     else:
         advice = (
             "it must be None, dict, a dataclass, a pydantic v2 BaseModel subclass, or a "
             "class with an as_dict() method (lilota.models.ModelProtocol)"
         )
     raise RegistrationError(f"{role}={_short(model, 80)} cannot be used: {advice}")
+
+
+def _is_mapping(model: object) -> bool:
+    """Whether ``model`` is dict, Mapping or MutableMapping, bare or parametrised: the earlier
+    release took these as an input/output model, so they are kept as dicts."""
+    origin = get_origin(model)
+    return any(model is m or origin is m for m in _MAPPINGS)  # `is`: a model may be unhashable
 
 
 def _check_hints(tp: Any, seen: set[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -156,3 +157,12 @@ def test_async_function_is_marked_async(registry: Registry) -> None:
 
     registry.register("fetch", fetch)
     assert registry.get("fetch").is_async
+
+
+def test_a_parametrised_dict_or_mapping_model_registers_as_a_dict(registry: Registry) -> None:
+    # The earlier release took these; refusing them took a whole worker script down.
+    @registry.register("scores", input_model=dict[str, int], output_model=Mapping[str, int])
+    def scores(data: dict[str, int]) -> dict[str, int]:
+        return data
+
+    assert registry.get("scores").input_model == dict[str, int]

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -845,7 +846,6 @@ def test_check_model_accepts(model: Any) -> None:
         (list, "must be None, dict"),
         ("AddInput", "must be None, dict"),
         (AddInput(1, 2), "pass the class AddInput itself, not an instance"),
-        (dict[str, int], "use dict"),
         (Optional[AddInput], "must be None, dict"),  # noqa: UP045
     ],
 )
@@ -854,6 +854,28 @@ def test_check_model_refuses(model: Any, advice: str) -> None:
         RegistrationError, match=r"^output_model=.* cannot be used: (it )?" + advice
     ):
         check_model(model, role="output_model")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [dict[str, int], Mapping[str, int], MutableMapping[str, Any], dict[str, AddInput], Mapping],
+)
+def test_check_model_accepts_a_dict_or_mapping_of_any_parametrisation(model: Any) -> None:
+    check_model(model, role="input_model")
+    check_model(model, role="output_model")
+
+
+def test_a_parametrised_dict_model_is_rebuilt_as_a_dict_with_its_value_types() -> None:
+    text = prepare({"x": {"a": 1, "b": 2}}, dict[str, AddInput])
+    assert text == dumps({"x": {"a": 1, "b": 2}})  # stored as a plain dict would be
+    assert build(loads(text), dict[str, AddInput]) == {"x": AddInput(1, 2)}
+    assert build({"a": 1}, Mapping[str, float]) == {"a": 1}
+    assert prepare(None, dict[str, int]) is None
+    assert build(None, dict[str, int]) is None
+    with pytest.raises(InvalidInput, match=r"^input\['b'\]: expected int, got str"):
+        prepare({"a": 1, "b": "2"}, dict[str, int])
+    with pytest.raises(InvalidInput, match=r"^input: expected dict\[str, int\], got list"):
+        prepare([1], dict[str, int])
 
 
 def test_check_model_names_the_role_and_object() -> None:
