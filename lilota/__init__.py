@@ -3,6 +3,7 @@
 The public API is re-exported here; everything not in ``__all__`` is private.
 """
 
+from lilota.context import TaskContext
 from lilota.core import Lilota
 from lilota.errors import (
     ConfigurationError,
@@ -46,6 +47,7 @@ __all__ = [
     "TaskAlreadyFinished",
     "TaskAlreadyRegistered",
     "TaskCancelled",
+    "TaskContext",
     "TaskError",
     "TaskNotFound",
     "TaskNotRegistered",

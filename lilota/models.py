@@ -142,6 +142,11 @@ class Task:
             return None
         return self.end_date_time - self.start_date_time
 
+    @property
+    def error(self) -> TaskError | None:
+        """The earlier release's name of :attr:`exception` (read-only, the same object)."""
+        return self.exception
+
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], decode: Callable[[str | None], Any]) -> Task:
         """Build a task from a row mapping; ``decode`` turns stored JSON text into values.
@@ -267,17 +272,24 @@ class TaskProgress:
 
 
 def __getattr__(name: str) -> Any:
-    """``TaskBase`` of the earlier TaskRunner API lives in :mod:`lilota.legacy`."""
+    """``TaskBase`` of the earlier TaskRunner API lives in :mod:`lilota.legacy`, and
+    ``TaskContext`` (here in the earlier release) in :mod:`lilota.context`, which imports
+    this module: both are looked up only when asked for."""
     if name == "TaskBase":
         from lilota import legacy
 
         return legacy.TaskBase
+    if name == "TaskContext":
+        from lilota import context
+
+        return context.TaskContext
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Type checkers take a constant named TYPE_CHECKING as true: they see TaskBase's real type.
+# Type checkers take a constant named TYPE_CHECKING as true: they see the real types.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from lilota.context import TaskContext as TaskContext
     from lilota.legacy import TaskBase as TaskBase
 
 

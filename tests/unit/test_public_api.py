@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import lilota
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -37,6 +39,28 @@ def test_seed_import_paths() -> None:
         lilota.TaskProgress,
         lilota.ModelProtocol,
     )
+
+
+def test_task_context_imports_from_the_root_and_from_models_as_in_the_earlier_release() -> None:
+    import lilota.models
+    from lilota.context import TaskContext
+    from lilota.models import TaskContext as FromModels
+
+    assert lilota.TaskContext is TaskContext is FromModels is lilota.models.TaskContext
+    assert "TaskContext" in lilota.__all__
+
+
+def test_task_error_is_a_read_only_alias_of_exception() -> None:
+    import dataclasses
+
+    error = lilota.TaskError(type="ValueError", message="bad", traceback="...")
+    task = lilota.Task(id=1, name="t", status=lilota.TaskStatus.FAILED, exception=error)
+    assert task.error is error
+    assert lilota.Task(id=2, name="t", status=lilota.TaskStatus.PENDING).error is None
+    with pytest.raises(AttributeError):
+        task.error = None  # type: ignore[misc]
+    assert "error" not in task.to_json()  # the JSON form keeps its one "exception" key
+    assert "error" not in {f.name for f in dataclasses.fields(task)}
 
 
 def test_db_url_defaults_to_the_environment_then_sqlite(monkeypatch) -> None:  # type: ignore[no-untyped-def]
