@@ -16,7 +16,13 @@ from typing import Any
 from lilota.errors import ConfigurationError, LilotaStopped, require_int
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, new_task
-from lilota.settings import DEFAULT_DB_URL, ENV_SETTINGS, WorkerSettings, default_db_url
+from lilota.settings import (
+    DEFAULT_DB_URL,
+    ENV_SETTINGS,
+    WorkerSettings,
+    default_db_url,
+    set_logging_level,
+)
 from lilota.store import TaskStore, is_memory_sqlite, parse_url
 from lilota.supervisor import (
     BOOT_INSTANCE_ARGV,
@@ -60,7 +66,10 @@ class Lilota:
         registry: Registry | None = None,
         async_concurrency: int | None = None,
         cpu_bound_processes: int | None = None,
+        logging_level: int | str | None = None,
     ) -> None:
+        # The earlier release's logging_level: the level of the "lilota" logger here.
+        set_logging_level(logging_level)
         if db_url is None:
             db_url = default_db_url()
         self.db_url = str(db_url)

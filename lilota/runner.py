@@ -36,6 +36,7 @@ from lilota.errors import (
 from lilota.legacy import ClassRef, LegacyCall, TaskBase, registry_of
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, new_task
+from lilota.settings import set_logging_level
 from lilota.store import TaskStore
 from lilota.stores import DatabaseTaskStore, MemoryTaskStore
 from lilota.supervisor import Supervisor, is_worker_process, wait_until_finished
@@ -202,10 +203,29 @@ class TaskRunner:
 
     ``store`` is a :class:`MemoryTaskStore` served by a :class:`StoreManager` (the proxy
     ``manager.Store()``), or a :class:`DatabaseTaskStore` (also a ``TaskStore`` or a
-    database URL). ``number_of_workers`` processes run tasks (default: one per CPU).
+    database URL). ``number_of_workers`` processes run tasks (default: one per CPU);
+    ``number_of_processes`` is its earlier name (give one of them). ``logging_level``, as in
+    the earlier release, sets the level of the ``lilota`` logger in this process, and so in
+    the worker processes, which take this process's levels when they start.
     """
 
-    def __init__(self, store: Any, number_of_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        number_of_workers: int | None = None,
+        *,
+        number_of_processes: int | None = None,
+        logging_level: int | str | None = None,
+    ) -> None:
+        if number_of_processes is not None:
+            if number_of_workers is not None:
+                raise ConfigurationError(
+                    "give number_of_workers or number_of_processes (its earlier name), not both"
+                )
+            number_of_workers = require_int(
+                number_of_processes, "number_of_processes", 1, ConfigurationError
+            )
+        set_logging_level(logging_level)
         self._database, self._memory = _database_of(store)
         if number_of_workers is None:
             number_of_workers = os.cpu_count() or 1

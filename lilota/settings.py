@@ -9,6 +9,7 @@ to its worker processes as one JSON value in ``LILOTA_WORKER_SETTINGS``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -140,6 +141,26 @@ def _user_env() -> dict[str, Any]:
         if (number := _env_number(variable, int)) is not None:
             values[option] = number
     return values
+
+
+def set_logging_level(level: int | str | None) -> None:
+    """The earlier release's ``logging_level=`` (of Lilota, LilotaWorker and TaskRunner):
+    set the level of the ``lilota`` logger (and so of its children, ``lilota.worker`` and
+    the rest) in this process; None leaves it as it is. ``level`` is a level number >= 0
+    or a level name ("INFO", "debug"); anything else raises ConfigurationError."""
+    if level is None:
+        return
+    number: object = None
+    if isinstance(level, int) and not isinstance(level, bool):
+        number = level
+    elif isinstance(level, str):
+        number = logging.getLevelName(level.strip().upper())  # "Level X" if unknown
+    if not isinstance(number, int) or number < 0:
+        raise ConfigurationError(
+            "logging_level must be a logging level: a number >= 0 or a name such as "
+            f"'INFO' or 'DEBUG', got {level!r}"
+        )
+    logging.getLogger("lilota").setLevel(number)
 
 
 __all__ = ["DEFAULT_DB_URL", "ENV_DB_URL", "ENV_SETTINGS", "WorkerSettings", "default_db_url"]

@@ -38,7 +38,7 @@ from lilota.errors import DatabaseError, LilotaError, WorkerExit
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
-from lilota.settings import WorkerSettings, default_db_url
+from lilota.settings import WorkerSettings, default_db_url, set_logging_level
 from lilota.store import TaskStore, parse_url
 
 if TYPE_CHECKING:
@@ -386,7 +386,10 @@ class LilotaWorker:
         async_concurrency: int | None = None,
         cpu_bound_processes: int | None = None,
         cancel_grace: timedelta | None = None,
+        logging_level: int | str | None = None,
     ) -> None:
+        # The earlier release's logging_level: the level of the "lilota" logger here.
+        set_logging_level(logging_level)
         if db_url is None:
             db_url = default_db_url()
         self.db_url = db_url

@@ -346,6 +346,27 @@ def test_task_log_records_reach_the_runner_process_carrying_the_task_id(
     assert records[0].process != os.getpid()
 
 
+def test_logging_level_of_the_earlier_release_holds_in_the_worker_processes_too(
+    memory_store: Any, runners: list[TaskRunner], caplog: pytest.LogCaptureFixture
+) -> None:
+    lilota_logger = logging.getLogger("lilota")
+    before = lilota_logger.level
+    try:
+        # Without it the task's INFO record is below the default WARNING in the worker.
+        runner = TaskRunner(memory_store, number_of_processes=1, logging_level="INFO")
+        runners.append(runner)
+        runner.register("add", Add)
+        runner.start()
+        runner.add("add", None, {"a": 2, "b": 3})
+        runner.stop()
+    finally:
+        lilota_logger.setLevel(before)
+
+    records = [r for r in caplog.records if r.name == "lilota.task.add"]
+    assert [r.getMessage() for r in records] == ["adding {'a': 2, 'b': 3}"]
+    assert records[0].process != os.getpid()
+
+
 def test_on_a_database_store_tasks_complete_and_failures_are_recorded(
     lilota_db_url: str, runners: list[TaskRunner], request: pytest.FixtureRequest
 ) -> None:
