@@ -10,7 +10,11 @@ hosts) insert the same tick the database keeps the first and ignores the others.
 Ticks are fired by every worker process that has the periodic task registered. A tick is
 created when it is due; if a process was stopped (or stalled) across several ticks, it
 creates only the most recent one that is due, never the ones in between: after downtime
-a periodic task runs once, not once per missed tick.
+a periodic task runs once, not once per missed tick. And only if that tick is not too
+late: a tick found more than the schedule's maximum lateness after its time (by default
+the smaller of the period and one hour) is skipped and logged, so a nightly task whose
+worker starts at 18:41 waits for the next night instead of running in the middle of the
+day. ``catch_up=True`` on a schedule runs the latest tick however late it is.
 """
 
 from __future__ import annotations
@@ -42,9 +46,20 @@ EPOCH = datetime(1970, 1, 1)
 # a suspended laptop); it looks again at least this often.
 MAX_TICK_SLEEP = 60.0
 
+# The default maximum lateness of a tick is the smaller of its period and this: a tick
+# more than an hour late is no longer "on schedule" even for a daily or weekly task.
+DEFAULT_MAX_LATENESS = timedelta(hours=1)
+
 
 class Schedule(abc.ABC):
-    """When a periodic task runs. Times are naive UTC datetimes, like the task store's."""
+    """When a periodic task runs. Times are naive UTC datetimes, like the task store's.
+
+    ``max_lateness`` (None: the default) and ``catch_up`` say how late a tick may be
+    created; see ``lateness_limit()``.
+    """
+
+    max_lateness: timedelta | None
+    catch_up: bool
 
     @abc.abstractmethod
     def next_after(self, moment: datetime) -> datetime:
@@ -61,18 +76,52 @@ class Schedule(abc.ABC):
             yield tick
             tick = self.next_after(tick)
 
+    def lateness_limit(self, tick: datetime) -> timedelta | None:
+        """How long after ``tick`` its task may still be created; None: any time.
+
+        ``max_lateness`` if given, else the smaller of the period (the time from ``tick``
+        to the next tick) and ``DEFAULT_MAX_LATENESS``; None with ``catch_up``."""
+        if self.catch_up:
+            return None
+        if self.max_lateness is not None:
+            return self.max_lateness
+        return min(self.next_after(tick) - tick, DEFAULT_MAX_LATENESS)
+
+    def _check_options(self, maker: str) -> None:
+        """Refuses a bad ``max_lateness``/``catch_up`` (``maker`` names the factory)."""
+        if self.max_lateness is not None and (
+            not isinstance(self.max_lateness, timedelta) or self.max_lateness <= timedelta(0)
+        ):
+            raise ValueError(
+                f"{maker}(max_lateness=) takes a positive timedelta, got {self.max_lateness!r}"
+            )
+        if not isinstance(self.catch_up, bool):
+            raise TypeError(f"{maker}(catch_up=) takes True or False, got {self.catch_up!r}")
+        if self.catch_up and self.max_lateness is not None:
+            raise ValueError(f"{maker}() takes max_lateness= or catch_up=True, not both")
+
+    def _options_repr(self) -> str:
+        if self.catch_up:
+            return ", catch_up=True"
+        if self.max_lateness is not None:
+            return f", max_lateness={self.max_lateness!r}"
+        return ""
+
 
 @dataclass(frozen=True)
 class Every(Schedule):
     """A tick every ``interval``, on multiples of it since 1970-01-01 00:00 UTC."""
 
     interval: timedelta
+    max_lateness: timedelta | None = None
+    catch_up: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, timedelta):
             raise TypeError(f"every() takes a timedelta, got {self.interval!r}")
         if self.interval < timedelta(milliseconds=1):
             raise ValueError(f"every() needs an interval of at least 1 ms, got {self.interval}")
+        self._check_options("every")
 
     def latest(self, now: datetime) -> datetime:
         return EPOCH + ((now - EPOCH) // self.interval) * self.interval
@@ -81,7 +130,7 @@ class Every(Schedule):
         return self.latest(moment) + self.interval
 
     def __repr__(self) -> str:
-        return f"every({self.interval!r})"
+        return f"every({self.interval!r}{self._options_repr()})"
 
 
 # The keyword fields of crontab(), in the order of a cron expression; of these, the time
@@ -99,6 +148,8 @@ class Crontab(Schedule):
 
     expression: str
     tz: tzinfo = timezone.utc
+    max_lateness: timedelta | None = None
+    catch_up: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.expression, str) or len(self.expression.split()) != 5:
@@ -108,6 +159,7 @@ class Crontab(Schedule):
             )
         if not croniter.is_valid(self.expression):
             raise ValueError(f"{self.expression!r} is not a valid cron expression")
+        self._check_options("crontab")
 
     def _local(self, moment: datetime) -> datetime:
         return moment.replace(tzinfo=timezone.utc).astimezone(self.tz)
@@ -129,16 +181,20 @@ class Crontab(Schedule):
 
     def __repr__(self) -> str:
         zone = "" if self.tz is timezone.utc else f", tz={self.tz!r}"
-        return f"crontab({self.expression!r}{zone})"
+        return f"crontab({self.expression!r}{zone}{self._options_repr()})"
 
 
-def every(interval: timedelta) -> Every:
+def every(
+    interval: timedelta, *, max_lateness: timedelta | None = None, catch_up: bool = False
+) -> Every:
     """A schedule ticking every ``interval`` (at least 1 ms).
 
     Ticks are multiples of ``interval`` counted from 1970-01-01 00:00 UTC, so all processes
     agree on them: ``every(timedelta(minutes=15))`` ticks at :00, :15, :30 and :45.
+    A tick found more than ``max_lateness`` after its time (default: the smaller of
+    ``interval`` and one hour) is skipped; ``catch_up=True`` creates it however late.
     """
-    return Every(interval)
+    return Every(interval, max_lateness, catch_up)
 
 
 def crontab(
@@ -150,6 +206,8 @@ def crontab(
     months: str | int | None = None,
     weekdays: str | int | None = None,
     tz: tzinfo | str | None = None,
+    max_lateness: timedelta | None = None,
+    catch_up: bool = False,
 ) -> Crontab:
     """A cron schedule: ``crontab("*/5 * * * *")`` or the keyword form ``crontab(hours="*/2")``.
 
@@ -159,7 +217,10 @@ def crontab(
     ``crontab(hours="*/2")`` is ``"0 */2 * * *"`` (on the hour, every two hours),
     ``crontab(weekdays="mon")`` is ``"0 0 * * mon"``, and ``crontab(minutes="*/10")`` is
     ``"*/10 * * * *"``. ``tz`` (a tzinfo or an IANA name) is the time zone the fields are
-    read in; UTC by default.
+    read in; UTC by default. A tick found more than ``max_lateness`` after its time
+    (default: the smaller of the time to the next tick and one hour) is skipped, so
+    ``crontab(hours="3")`` first started at 18:41 runs at the next 03:00, not at once;
+    ``catch_up=True`` creates the latest tick however late.
     """
     zone: tzinfo
     if tz is None:
@@ -181,7 +242,7 @@ def crontab(
     if expression is not None:
         if named:
             raise ValueError("crontab() takes an expression or keyword fields, not both")
-        return Crontab(expression, zone)
+        return Crontab(expression, zone, max_lateness, catch_up)
     if not named:
         raise ValueError('crontab() needs an expression or a field, e.g. crontab(hours="*/2")')
     finest = _FIELDS.index(named[0])
@@ -194,7 +255,7 @@ def crontab(
         if not text or " " in text:
             raise ValueError(f"crontab({name}={value!r}): a field is one cron field")
         parts.append(text)
-    return Crontab(" ".join(parts), zone)
+    return Crontab(" ".join(parts), zone, max_lateness, catch_up)
 
 
 def schedule_key(name: str, tick: datetime) -> str:
@@ -208,7 +269,9 @@ class TickPlanner:
 
     ``due(now)`` returns, for each schedule whose next tick has come, its most recent tick
     at or before ``now`` (never the ones skipped in between). At the first call that is
-    the most recent tick of every schedule, so a process that starts catches up once.
+    the most recent tick of every schedule, so a process that starts catches up once;
+    but a tick later than its schedule's ``lateness_limit()`` is not returned: ``due()``
+    logs it (INFO) and counts it as done, so the schedule waits for its next tick.
     """
 
     schedules: Mapping[str, Schedule]
@@ -221,8 +284,22 @@ class TickPlanner:
             if last is not None and schedule.next_after(last) > now:
                 continue
             tick = schedule.latest(now)
-            if tick != last:
-                found.append((name, tick))
+            if tick == last:
+                continue
+            limit = schedule.lateness_limit(tick)
+            if limit is not None and now - tick > limit:
+                log.info(
+                    "periodic task %s: skipping the tick of %s UTC, found %s after it "
+                    "(max lateness %s; catch_up=True would run it); next tick at %s UTC",
+                    name,
+                    tick,
+                    now - tick,
+                    limit,
+                    schedule.next_after(tick),
+                )
+                self._last[name] = tick
+                continue
+            found.append((name, tick))
         return found
 
     def done(self, name: str, tick: datetime) -> None:

@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -221,6 +221,25 @@ def test_two_supervisors_running_an_every_second_task_for_5_s_make_one_task_per_
     assert nightly.run_at.replace(tzinfo=None) == crontab(hours="3").latest(store.clock())
 
 
+def test_a_nightly_task_is_not_run_when_its_worker_starts_long_after_its_tick(
+    make_app: MakeApp,
+) -> None:
+    began = datetime.now(timezone.utc).replace(tzinfo=None)
+    app = make_app(workers=1, registry=async_tasks.periodic.registry)
+    deadline = time.monotonic() + 30
+    while not app.get_tasks(name="tick"):  # the tick thread has made its first pass
+        assert time.monotonic() < deadline, "no periodic tick was made"
+        time.sleep(0.05)
+    app.stop(timeout=30)
+    tick = crontab(hours="3").latest(began)
+    # Only a worker started between 03:00 and 04:00 UTC makes today's 03:00 tick.
+    expected = [tick] if began - tick < timedelta(hours=1) else []
+    on_time = app.get_tasks(name="nightly-on-time")
+    assert [t.run_at.replace(tzinfo=None) for t in on_time] == expected
+    (caught_up,) = app.get_tasks(name="nightly")  # catch_up=True: made however late
+    assert caught_up.run_at.replace(tzinfo=None) == tick
+
+
 # --------------------------------------------------------------------------- delayed, priority
 
 
@@ -311,7 +330,7 @@ SEED_004_STYLE_SCRIPT = textwrap.dedent(
     import asyncio
     import os
     import sys
-    from datetime import timedelta
+    from datetime import datetime, timedelta, timezone
 
     from lilota import LilotaWorker, every
     from lilota.context import TaskContext

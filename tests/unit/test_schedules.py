@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 import lilota
 from conftest import FakeClock
-from lilota.errors import ConfigurationError, RegistrationError
+from lilota.errors import ConfigurationError, DatabaseError, RegistrationError
 from lilota.registry import Registry
 from lilota.schedules import Crontab, Every, TickPlanner, TickThread, crontab, every, schedule_key
 from lilota.settings import ENV_ASYNC_CONCURRENCY, WorkerSettings
@@ -190,13 +191,119 @@ def test_a_restarted_process_does_not_recreate_a_tick_that_already_ran(
     store: TaskStore, clock: FakeClock
 ) -> None:
     clock.now = datetime(2024, 1, 1, 12, 0, 0, 500_000)
-    schedules = {"nightly": crontab(hours="3")}
+    # catch_up: the 03:00 tick is made at 12:00, to see the database keep it unique.
+    schedules = {"nightly": crontab(hours="3", catch_up=True)}
     (task_id,) = TickThread(store, schedules).fire_due()
     assert _ticks(store, "nightly") == [(datetime(2024, 1, 1, 3, 0), "pending")]
     store.cancel(task_id)  # finished (here: cancelled) tasks keep their tick
     clock.advance(hours=1)
     assert TickThread(store, schedules).fire_due() == []
     assert len(_ticks(store, "nightly")) == 1
+
+
+def test_a_nightly_task_first_started_in_the_afternoon_waits_for_the_next_night(
+    store: TaskStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock.now = datetime(2024, 1, 1, 18, 41)  # a fresh database; the 03:00 tick is 15 h old
+    thread = TickThread(store, {"nightly": crontab("0 3 * * *")})
+    with caplog.at_level(logging.INFO, logger="lilota.schedules"):
+        assert thread.fire_due() == []
+    assert _ticks(store, "nightly") == []
+    (record,) = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "nightly" in record.getMessage() and "2024-01-01 03:00:00" in record.getMessage()
+    assert thread.planner.next_due(clock.now) == datetime(2024, 1, 2, 3, 0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lilota.schedules"):
+        assert thread.fire_due() == []  # logged once, not at every look
+    assert caplog.records == []
+    clock.now = datetime(2024, 1, 2, 3, 0, 0, 5_000)
+    assert len(thread.fire_due()) == 1
+    # A process started 59 minutes after the tick still makes it (within the hour).
+    clock.now = datetime(2024, 1, 3, 3, 59)
+    assert len(TickThread(store, {"nightly": crontab("0 3 * * *")}).fire_due()) == 1
+    assert _ticks(store, "nightly") == [
+        (datetime(2024, 1, 2, 3, 0), "pending"),
+        (datetime(2024, 1, 3, 3, 0), "pending"),
+    ]
+
+
+def test_max_lateness_is_settable_per_schedule(store: TaskStore, clock: FakeClock) -> None:
+    five_minutes = every(timedelta(minutes=5), max_lateness=timedelta(seconds=30))
+    clock.now = datetime(2024, 1, 1, 10, 0, 45)
+    assert TickThread(store, {"a": five_minutes}).fire_due() == []
+    clock.now = datetime(2024, 1, 1, 10, 5, 20)
+    assert len(TickThread(store, {"a": five_minutes}).fire_due()) == 1
+    nightly = crontab("0 3 * * *", max_lateness=timedelta(hours=16))
+    assert len(TickThread(store, {"b": nightly}).fire_due()) == 1  # 7 h 5 min late
+    assert [run_at for run_at, _ in _ticks(store, "a")] == [datetime(2024, 1, 1, 10, 5)]
+    assert [run_at for run_at, _ in _ticks(store, "b")] == [datetime(2024, 1, 1, 3, 0)]
+
+
+def test_catch_up_runs_the_latest_missed_tick_however_late(
+    store: TaskStore, clock: FakeClock
+) -> None:
+    clock.now = datetime(2024, 1, 1, 18, 41)
+    schedule = crontab(hours="3", catch_up=True)
+    assert len(TickThread(store, {"nightly": schedule}).fire_due()) == 1
+    assert _ticks(store, "nightly") == [(datetime(2024, 1, 1, 3, 0), "pending")]
+    clock.advance(days=3)  # and still only the latest one after days of downtime
+    assert len(TickThread(store, {"nightly": schedule}).fire_due()) == 1
+    assert [run_at for run_at, _ in _ticks(store, "nightly")][-1] == datetime(2024, 1, 4, 3, 0)
+    assert len(_ticks(store, "nightly")) == 2
+
+
+def test_a_tick_that_an_outage_made_too_late_is_skipped(
+    store: TaskStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock.now = datetime(2024, 1, 1, 3, 0, 0, 10_000)
+    thread = TickThread(store, {"nightly": crontab(hours="3")})
+
+    def unavailable(task: object) -> int:
+        raise DatabaseError("database unavailable")
+
+    monkeypatch.setattr(store, "add", unavailable)
+    assert thread.fire_due() == [] and thread.failed
+    monkeypatch.undo()
+    clock.now = datetime(2024, 1, 1, 4, 30)  # back after 90 minutes: too late for 03:00
+    assert thread.fire_due() == [] and not thread.failed
+    assert _ticks(store, "nightly") == []
+
+
+def test_default_max_lateness_is_the_smaller_of_the_period_and_an_hour() -> None:
+    tick = datetime(2024, 1, 1, 3, 0)
+    assert every(timedelta(minutes=5)).lateness_limit(tick) == timedelta(minutes=5)
+    assert every(timedelta(hours=2)).lateness_limit(tick) == timedelta(hours=1)
+    assert crontab("0 3 * * *").lateness_limit(tick) == timedelta(hours=1)
+    assert crontab("*/10 * * * *").lateness_limit(tick) == timedelta(minutes=10)
+    assert crontab("0 3 * * *", max_lateness=timedelta(hours=5)).lateness_limit(tick) == (
+        timedelta(hours=5)
+    )
+    assert crontab("0 3 * * *", catch_up=True).lateness_limit(tick) is None
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: every(timedelta(minutes=5), max_lateness=timedelta(0)), "positive timedelta"),
+        (lambda: every(timedelta(minutes=5), max_lateness=30), "positive timedelta"),
+        (lambda: crontab("0 3 * * *", max_lateness=timedelta(seconds=-1)), "positive"),
+        (
+            lambda: crontab("0 3 * * *", max_lateness=timedelta(hours=2), catch_up=True),
+            "not both",
+        ),
+        (lambda: crontab(hours="3", catch_up="yes"), "True or False"),
+    ],
+)
+def test_lateness_options_are_validated(call: object, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()  # type: ignore[operator]
+
+
+def test_lateness_options_show_in_the_repr_and_equality() -> None:
+    assert repr(crontab("0 3 * * *", catch_up=True)) == "crontab('0 3 * * *', catch_up=True)"
+    assert "max_lateness=" in repr(every(timedelta(minutes=5), max_lateness=timedelta(1)))
+    assert crontab(hours="3") != crontab(hours="3", catch_up=True)
 
 
 def test_schedule_key_names_the_task_and_the_tick() -> None:
