@@ -20,6 +20,7 @@ from lilota.errors import (
     TaskNotFound,
     TaskNotRegistered,
     TaskTimeout,
+    WorkerAlreadyStarted,
     WorkerLost,
     WorkerStartupError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "TaskProgress",
     "TaskStatus",
     "TaskTimeout",
+    "WorkerAlreadyStarted",
     "WorkerLost",
     "WorkerStartupError",
     "__version__",
