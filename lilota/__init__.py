@@ -21,6 +21,7 @@ from lilota.errors import (
     TaskNotFound,
     TaskNotRegistered,
     TaskTimeout,
+    WorkerAlreadyStarted,
     WorkerLost,
     WorkerStartupError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "TaskProgress",
     "TaskStatus",
     "TaskTimeout",
+    "WorkerAlreadyStarted",
     "WorkerLost",
     "WorkerStartupError",
     "__version__",

@@ -85,7 +85,8 @@ class TaskContext:
         """Queue another task (like :meth:`lilota.core.Lilota.schedule`); returns its id.
 
         The input is checked against the task's input model when this worker knows the
-        task; a name this worker does not know is stored as given, for other workers.
+        task; a name this worker does not know is stored as given if a live worker
+        announced it, else refused with :class:`~lilota.errors.TaskNotRegistered`.
         Raises as ``Lilota.schedule`` does, writing nothing.
         """
         return self._schedule(

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from lilota.errors import ConfigurationError, LilotaStopped, require_int
+from lilota.errors import ConfigurationError, LilotaStopped, WorkerAlreadyStarted, require_int
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, new_task
 from lilota.settings import (
@@ -141,8 +141,15 @@ class Lilota:
         ``schedule`` (``every(...)``/``crontab(...)``: a periodic task), ``cpu_bound``
         (run in a process pool of the worker, so that it blocks neither the worker's
         event loop nor its other tasks).
-        Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before.
+        Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before, and
+        :class:`~lilota.errors.WorkerAlreadyStarted` once ``start()`` started worker
+        processes (they know only the tasks registered before; register every task first).
         """
+        if self._supervisor is not None:
+            raise WorkerAlreadyStarted(
+                f"cannot register task {name!r}: this instance's workers are already "
+                "started; register every task before start()"
+            )
         return self.registry.register(  # type: ignore[no-any-return]
             name,
             input_model=input_model,

@@ -85,6 +85,11 @@ class WorkerStartupError(LilotaError):
     """Worker processes could not be started: the message carries the end of their output."""
 
 
+class WorkerAlreadyStarted(LilotaError, RuntimeError):
+    """``start()`` was called on a worker that is running, or ``register()`` after
+    ``start()`` (its processes would never learn the new task, which would wait for ever)."""
+
+
 class LilotaStopped(LilotaError):
     """The instance was stopped: it schedules no more tasks (create a new one or ``start()``)."""
 

@@ -22,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -201,14 +204,58 @@ def prepare(
 
 
 def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]:
-    """What ``TaskContext.schedule`` calls: make a task (the input checked against its
-    model when ``registry`` knows the name; an unknown name is stored as given, for
-    other workers) and store it; returns its id."""
+    """What ``TaskContext.schedule`` calls: make a task and store it; returns its id.
+
+    A name ``registry`` knows has its input checked against its model; another name is
+    stored as given if a live worker announced it (:func:`announced_names`), else refused
+    with :class:`~lilota.errors.TaskNotRegistered`, as ``Lilota.schedule`` refuses it:
+    no worker would ever run it."""
 
     def schedule(name: str, input: Any, **options: Any) -> int:
-        return store.add(new_task(name, input, registry=registry, clock=store.clock, **options))
+        known: frozenset[str] | None = None  # None: the registry knows it, or not a str
+        if isinstance(name, str) and (registry is None or registry.find(name) is None):
+            known = announced_names(store, name)
+            if registry is not None:
+                known |= registry.names
+        task = new_task(
+            name, input, registry=registry, known_names=known, clock=store.clock, **options
+        )
+        return store.add(task)
 
     return schedule
+
+
+# The names live workers announced are read from the worker table at most this often
+# (per store): a task queueing many follow-ups for another worker costs one query, and a
+# worker that started a moment ago is seen within this delay.
+ANNOUNCED_FOR = 5.0
+# A name missing from the cached names reads the table again if the cache is older than
+# this: a worker started just now is found, a loop of unknown names costs one query a second.
+ANNOUNCED_RECHECK = 1.0
+# A worker is live if its heartbeat is at most this old. Idle workers beat every
+# max(heartbeat, lease / 3), 10 s by default; this covers leases up to 30 minutes. The
+# rows of workers that stopped cleanly are gone already.
+LIVE_WITHIN = timedelta(minutes=10)
+
+_announced: weakref.WeakKeyDictionary[TaskStore, tuple[float, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_announced_lock = threading.Lock()
+
+
+def announced_names(store: TaskStore, wanted: str | None = None) -> frozenset[str]:
+    """The task names live workers of ``store`` announced (``lilota_worker``), cached for
+    :data:`ANNOUNCED_FOR` seconds; read again sooner when ``wanted`` is not among them."""
+    now = time.monotonic()
+    with _announced_lock:
+        read_at, names = _announced.get(store, (-math.inf, frozenset()))
+    age = now - read_at
+    if age < ANNOUNCED_FOR and (wanted is None or wanted in names or age < ANNOUNCED_RECHECK):
+        return names
+    names = frozenset(n for w in store.workers(seen_within=LIVE_WITHIN) for n in w["task_names"])
+    with _announced_lock:
+        _announced[store] = (now, names)
+    return names
 
 
 def progress_writer(store: TaskStore, claim: Claim) -> Callable[[int], None]:
@@ -284,6 +331,7 @@ async def execute_async(call: Call) -> Outcome:
 
 __all__ = [
     "Call",
+    "announced_names",
     "cancelled",
     "cancelled_before_start",
     "cancelled_while_running",

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lilota import execution
-from lilota.errors import DatabaseError, LilotaError, WorkerExit
+from lilota.errors import DatabaseError, LilotaError, WorkerAlreadyStarted, WorkerExit
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
@@ -374,6 +374,11 @@ class LilotaWorker:
     # the script's worker itself if the script only registers tasks.
     instances: ClassVar[weakref.WeakSet[LilotaWorker]] = weakref.WeakSet()
     started_in_this_process: ClassVar[bool] = False
+    # Whether start() runs on this instance: set and cleared under the lock, so a second
+    # start() (from another thread, or again in the same one) is refused instead of
+    # starting a second loop that stop() would not reach.
+    _running: bool = False
+    _start_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -408,7 +413,16 @@ class LilotaWorker:
     def register(
         self, name: str, **options: Any
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering a task function; see :meth:`lilota.core.Lilota.register`."""
+        """Decorator registering a task function; see :meth:`lilota.core.Lilota.register`.
+
+        Raises :class:`~lilota.errors.WorkerAlreadyStarted` while ``start()`` runs: the
+        worker announced its tasks when it started, so a task registered later would
+        stay pending for ever."""
+        if self._running:
+            raise WorkerAlreadyStarted(
+                f"cannot register task {name!r}: this worker is already started; "
+                "register every task before start()"
+            )
         return self.registry.register(name, **options)  # type: ignore[no-any-return]
 
     @property
@@ -422,13 +436,29 @@ class LilotaWorker:
 
         With ``burst`` (default: ``$LILOTA_BURST`` is "1"), run the tasks that are due now
         (and those they schedule) in this thread, then return, as RQ's burst mode: for
-        cron jobs and CI."""
+        cron jobs and CI.
+
+        Raises :class:`~lilota.errors.WorkerAlreadyStarted` if this worker is running
+        already (once ``start()`` has returned, it may be called again)."""
         from lilota.asynclane import in_pool_process
 
         if in_pool_process():
             # A cpu_bound pool process imports the worker's script again to find the task
             # functions; it runs them for its worker and must not become a worker itself.
             return
+        with LilotaWorker._start_lock:
+            if self._running:
+                raise WorkerAlreadyStarted(
+                    "this worker is already started: start() runs until stop(); "
+                    "start another LilotaWorker for a second loop"
+                )
+            self._running = True
+        try:
+            self._run(burst)
+        finally:
+            self._running = False
+
+    def _run(self, burst: bool | None) -> None:
         LilotaWorker.started_in_this_process = True
         if burst is None:
             burst = os.environ.get(ENV_BURST) == "1"

@@ -139,6 +139,7 @@ def _context(store: TaskStore, registry: Registry) -> TaskContext:
 def test_task_context_stores_a_name_it_does_not_know_and_checks_one_it_knows(
     store: TaskStore, registry: Registry, clock: Any
 ) -> None:
+    store.register_worker("other-worker", ["elsewhere"])  # a live worker that runs it
     ctx = _context(store, registry)
     other = store.get(ctx.schedule("elsewhere", {"x": 1}, delay=timedelta(seconds=30)))
     assert other is not None
