@@ -5,9 +5,10 @@
     python benchmarks/cancel_latency.py --pg postgresql://postgres@127.0.0.1:5432
 
 One worker process with the default settings (lease 30 s, heartbeat 1 s). Each run
-schedules ``spin`` (a task that polls ``ctx.cancelled`` every 5 ms), waits until it runs,
-waits a random 0-1 s more (so the request lands anywhere in the heartbeat, and often
-just after the task started, when the worker's last renewal was an idle one), then calls
+leaves the worker idle for ``--idle`` s (default 1.5: longer than a heartbeat, so its last
+renewal before the task is an idle one, after which it looks again only lease/3 later),
+schedules ``spin`` (a task that polls ``ctx.cancelled`` every 5 ms), waits until it runs
+and a random 0-1 s more (the request lands anywhere in the heartbeat), then calls
 ``cancel()`` and measures, from cancel() returning:
 
   seen   until the task sees ``ctx.cancelled`` (it writes time.time() to a file);
@@ -68,13 +69,14 @@ def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def measure(db_url: str, runs: int, scratch: Path) -> tuple[list[float], list[float]]:
+def measure(db_url: str, runs: int, scratch: Path, idle: float) -> tuple[list[float], list[float]]:
     """``runs`` cancellations on ``db_url``: the seen and final latencies (seconds)."""
     seen: list[float] = []
     final: list[float] = []
     with Lilota(db_url, number_of_workers=1, registry=app.registry) as lilota:
         for run in range(runs):
             started, saw = scratch / f"started-{run}", scratch / f"seen-{run}"
+            time.sleep(idle)
             task_id = lilota.schedule("spin", {"started": str(started), "seen": str(saw)})
             _wait(started.exists, "the task to start")
             time.sleep(random.uniform(0.0, 1.0))
@@ -125,12 +127,13 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--idle", type=float, default=1.5, help="idle seconds before a task")
     args = parser.parse_args()
     databases = {"sqlite": sqlite_database, "postgres": lambda: postgres_database(args.pg)}
     print(f"cancel latency, {args.runs} runs, ms: p50 / p95 / max")
     for backend in args.backends.split(","):
         with databases[backend]() as db_url, tempfile.TemporaryDirectory() as scratch:
-            seen, final = measure(db_url, args.runs, Path(scratch))
+            seen, final = measure(db_url, args.runs, Path(scratch), args.idle)
         print(f"{backend:8}  seen  {_percentiles(seen)}")
         print(f"{backend:8}  final {_percentiles(final)}")
 
