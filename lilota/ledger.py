@@ -255,7 +255,8 @@ class LeaseKeeper:
         recover_every = max(self.heartbeat, lease / 6)
         next_renew = 0.0
         next_recover = time.monotonic() + recover_every
-        while not self._stop.wait(KEEPER_TICK):
+        wait = KEEPER_TICK
+        while not self._stop.wait(wait):
             now = time.monotonic()
             if self.ledger.take_started():  # busy now: renew at the busy pace from here on
                 next_renew = min(next_renew, now + self.heartbeat)
@@ -269,6 +270,9 @@ class LeaseKeeper:
                 next_recover = now + recover_every
                 self.recover()
             self.enforce_limits()
+            # Wake for the next renewal on time, not up to a tick late: that renewal is
+            # what passes a cancellation request on.
+            wait = min(KEEPER_TICK, max(0.0, next_renew - time.monotonic()))
 
     def _database_trouble(self) -> None:
         # While this process could not reach the database, neither could the others
