@@ -1,11 +1,10 @@
 """What differs between SQLite and PostgreSQL: one small class per backend.
 
 :mod:`lilota.store` writes the task protocol once and holds one :class:`Dialect`, chosen
-from the URL. The dialect owns the engine set-up, the catalogue of named statements (the
-shared ones once, in the base; per backend the few that differ: claim, finish-many,
-insert-many, insert-one with its NOTIFY), ``SKIP LOCKED``, the wake-up and the listener
-(:mod:`lilota.listeners`), autocommit of single statements, and which driver errors are
-worth another try (:func:`transaction`). The base class is the portable way.
+from the URL, which owns the engine set-up, the catalogue of named statements (shared
+ones in the base, the portable way; per backend: claim, finish-many, insert-many/one),
+``SKIP LOCKED``, the wake-up and the listener (:mod:`lilota.listeners`), autocommit of
+single statements, and which driver errors are worth another try (:func:`transaction`).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from sqlalchemy.engine.url import URL
 from sqlalchemy.pool import StaticPool
 
 from lilota.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
+from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
 
@@ -38,45 +38,43 @@ log = logging.getLogger(__name__)
 PENDING = TaskStatus.PENDING.value
 RUNNING = TaskStatus.RUNNING.value
 CANCELLED = TaskStatus.CANCELLED.value
-# The progress an outcome leaves: 100 when completed, 0 when pending again (unless the
-# retry is to end cancelled, see cancel_retries), else unchanged.
+# An outcome's progress: 100 if completed, 0 if pending again, else (or if asked to cancel) kept.
 _FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 
-# SQLite waits this long for another process's write transaction before giving up. Writes
-# here are a few milliseconds each, so 30 s only runs out when something is badly stuck;
-# a short timeout would turn ordinary contention between many workers into errors.
+
+def _if_cancel_requested(o: Outcome) -> str | None:
+    """The exception recorded instead if a cancellation was requested (the worker may not
+    have seen it): a return or failure then ends cancelled. None: retries, cancellations."""
+    done = o.status in (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
+    return cancelled_record(o) if done else None
+
+
+# SQLite waits this long for another process's write transaction. Writes here take a few
+# ms, so 30 s runs out only when something is badly stuck; a short timeout would turn
+# ordinary contention between many workers into errors.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # "database is locked" that survives the busy timeout (e.g. a checkpoint racing a reader
 # upgrade) is retried this many times before it reaches anyone.
 SQLITE_LOCKED_RETRIES = 5
 
-# A PostgreSQL transaction that fails because the server cannot be reached (a restart, a
-# failover, a dropped connection) is tried this many times, waiting 0.05, 0.1, 0.2, 0.4 s
-# in between: a pooled connection the server closed is replaced without anyone noticing,
-# and a caller such as schedule() learns of a real outage (DatabaseUnavailable) within
-# about a second instead of hanging. Workers retry on their own, with back-off.
+# A PostgreSQL transaction that fails because the server cannot be reached (restart,
+# failover, dropped connection) is tried this many times, waiting 0.05, 0.1, 0.2, 0.4 s: a
+# pooled connection the server closed is replaced unnoticed, and schedule() learns of a
+# real outage (DatabaseUnavailable) within about a second. Workers retry with back-off.
 UNREACHABLE_RETRIES = 5
 
-# libpq connection settings unless the URL sets them: a server that does not answer
-# fails a connection attempt after 10 s (the default is to wait forever), and TCP
-# keepalives notice a dead server or network within about a minute even while a
-# statement waits for its answer.
-POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 10,
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
+# libpq connection settings unless the URL sets them: a server that does not answer fails
+# a connection attempt after 10 s (the default: never), and TCP keepalives notice a dead
+# server or network within about a minute, even while a statement waits for its answer.
+POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = dict(
+    connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3
+)
 
 
 def parse_url(db_url: object) -> URL:
-    """Validate ``db_url`` and return it with lilota's driver defaults.
-
-    ``postgresql://`` means psycopg 3 (``postgresql+psycopg://``), the driver lilota
-    supports. Raises :class:`ConfigurationError` naming the problem.
-    """
+    """``db_url`` validated, with lilota's driver defaults (``postgresql://`` means psycopg
+    3, ``postgresql+psycopg://``). Raises :class:`ConfigurationError` naming the problem."""
     if not isinstance(db_url, (str, URL)):
         raise ConfigurationError(f"db_url must be a string, got {type(db_url).__name__}")
     try:
@@ -129,11 +127,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Dialect:
-    """The portable way (SQLAlchemy Core), and what every backend shares.
-
-    Built once per store with the task table (the store owns the schema): ``sql`` is the
-    catalogue of statements by name, ``engine`` the configured engine.
-    """
+    """The portable way (SQLAlchemy Core), and what every backend shares. Built once per
+    store with the task table (the store owns the schema): ``sql`` is the catalogue of
+    statements by name, ``engine`` the configured engine."""
 
     # A transaction that fails for a transient reason (is_transient) is tried this many
     # times in all before the error reaches the caller.
@@ -166,6 +162,8 @@ class Dialect:
         lease_over = (c.status == RUNNING, c.lease_expires_at < sa.bindparam("now"))
         ids = c.id.in_(sa.bindparam("ids", expanding=True))
         order = (c.priority.desc(), c.run_at, c.id)
+        b_cancelled = sa.bindparam("b_cancelled", type_=sa.Text)
+        asked = sa.and_(c.cancel_requested == sa.true(), b_cancelled.is_not(None))
         runnable = sa.select(c.id).where(*due).order_by(*order).limit(sa.bindparam("limit"))
         return {
             # Insert one pending task, returning its id.
@@ -195,15 +193,17 @@ class Dialect:
             .where(*fence)
             .values(max_attempts=sa.bindparam("b_max")),
             # End one attempt (fenced; not status.in_(...): an IN list is an expanding
-            # parameter, refused in executemany, which records a batch).
+            # parameter, refused in executemany, which records a batch). A task asked to
+            # cancel ends cancelled however it ended (b_cancelled: its exception then).
             "finish": t.update()
             .where(*fence, sa.or_(c.status == PENDING, c.status == RUNNING))
-            .values(status=sa.bindparam("b_status"), output=sa.bindparam("b_output"))
-            .values(exception=sa.bindparam("b_exception"), end_date_time=sa.bindparam("b_end"))
+            .values(status=sa.case((asked, CANCELLED), else_=sa.bindparam("b_status")))
+            .values(exception=sa.case((asked, b_cancelled), else_=sa.bindparam("b_exception")))
+            .values(output=sa.bindparam("b_output"), end_date_time=sa.bindparam("b_end"))
             .values(run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=sa.DateTime), c.run_at))
             .values(
                 progress_percentage=sa.case(
-                    (sa.and_(sa.bindparam("b_status") == PENDING, c.cancel_requested), pct),
+                    (c.cancel_requested == sa.true(), pct),
                     else_=sa.func.coalesce(sa.bindparam("b_progress", type_=sa.SmallInteger), pct),
                 ),
                 lease_expires_at=None,
@@ -280,8 +280,7 @@ class Dialect:
         return bool(error.connection_invalidated)
 
     def is_transient(self, error: exc.DBAPIError) -> bool:
-        """Worth another try (the transaction was rolled back as a whole): the database
-        was locked or could not be reached, or the connection dropped."""
+        """Worth another try (rolled back as a whole): locked, unreachable, or dropped."""
         unreachable = isinstance(error, exc.OperationalError)
         return self.is_locked(error) or self.is_disconnect(error) or unreachable
 
@@ -293,16 +292,14 @@ class Dialect:
         """Serialise concurrent first starts creating the tables (until commit)."""
 
     def notify(self, conn: Connection) -> None:
-        """Wake idle workers, once per statement (nothing to do where they watch the
-        database instead)."""
+        """Wake idle workers, once per statement (none where they watch the database)."""
 
     def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """``query``, skipping rows another transaction holds where the backend can."""
         return query
 
     def insert_ignoring_conflicts(self, row: dict[str, Any]) -> Any:
-        """INSERT ``row`` ON CONFLICT DO NOTHING RETURNING id: the unique indexes decide
-        between two processes scheduling the same key at once."""
+        """INSERT ``row`` ON CONFLICT DO NOTHING RETURNING id (unique indexes decide races)."""
         t = self.table
         return sqlite_dialect.insert(t).values(row).on_conflict_do_nothing().returning(t.c.id)
 
@@ -318,8 +315,7 @@ class Dialect:
         return [int(r[0]) for r in conn.execute(self.sql["insert_many"], rows)]
 
     def claim(self, conn: Connection, params: dict[str, Any]) -> Sequence[Row[Any]]:
-        """Run the claim: rows (id, name, input, attempts, max_attempts, priority, run_at)
-        in no particular order."""
+        """Run the claim: rows (id, name, input, attempts, max_attempts, priority, run_at)."""
         return conn.execute(self.sql["claim"], params).all()
 
     def finish_many(self, conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> int:
@@ -334,6 +330,7 @@ class Dialect:
                 "b_end": None if o.status == PENDING else now,
                 "b_run_at": o.run_at,
                 "b_progress": _FINAL_PROGRESS.get(o.status),
+                "b_cancelled": _if_cancel_requested(o),
             }
             for o in outcomes
         ]
@@ -343,8 +340,8 @@ class Dialect:
 
 class SQLiteDialect(Dialect):
     """SQLite: WAL, a busy timeout and ``BEGIN IMMEDIATE`` for every write transaction, so
-    two processes never both think they hold a task; reads take no write lock. An
-    in-memory database is one connection, shared under a lock."""
+    two processes never both hold a task; reads take no write lock; ``:memory:`` is one
+    connection, shared under a lock."""
 
     retries = SQLITE_LOCKED_RETRIES
     writes_lock_database = True
@@ -401,13 +398,11 @@ class SQLiteDialect(Dialect):
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL: ``FOR UPDATE SKIP LOCKED`` claims written by hand, batches as one
-    statement over arrays (``unnest``), one ``NOTIFY`` per statement that workers
-    ``LISTEN`` for, single statements in autocommit."""
+    """PostgreSQL: ``FOR UPDATE SKIP LOCKED`` claims by hand, batches as one statement over
+    arrays (``unnest``), a ``NOTIFY`` workers ``LISTEN`` for, single statements autocommit."""
 
     def __init__(self, url: URL, table: sa.Table, *, pool_size: int) -> None:
-        super().__init__(url, table, pool_size=pool_size)
-        # The same pool: one round trip instead of BEGIN, statement, COMMIT.
+        super().__init__(url, table, pool_size=pool_size)  # autocommit: 1 round trip, not 3
         self.single_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def catalogue(self, t: sa.Table) -> dict[str, Any]:
@@ -452,21 +447,26 @@ class PostgresDialect(Dialect):
                     ORDER BY priority DESC, run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED))
                 RETURNING id, name, input, attempts, max_attempts, priority, run_at"""),
             # Finish a batch of outcomes in one statement, a join with one array per column
-            # (fenced by attempt): about a third of the server time of one UPDATE each.
+            # (fenced by attempt): about a third of the server time of one UPDATE each;
+            # a task asked to cancel ends cancelled however it ended, as in "finish".
             "finish_many": sa.text(f"""
-                UPDATE lilota_task AS t SET status = o.status, output = o.output,
-                    exception = o.exception, end_date_time = CASE WHEN o.status = '{PENDING}'
+                UPDATE lilota_task AS t SET status = CASE WHEN t.cancel_requested
+                    AND o.cancelled IS NOT NULL THEN '{CANCELLED}' ELSE o.status END,
+                    exception = CASE WHEN t.cancel_requested AND o.cancelled IS NOT NULL
+                        THEN o.cancelled ELSE o.exception END, output = o.output,
+                    end_date_time = CASE WHEN o.status = '{PENDING}'
                         THEN NULL ELSE CAST(:now AS timestamp) END,
                     run_at = coalesce(o.run_at, t.run_at),
-                    progress_percentage = CASE WHEN o.status = '{TaskStatus.COMPLETED.value}' THEN 100
-                        WHEN o.status = '{PENDING}' AND NOT t.cancel_requested THEN 0
-                        ELSE t.progress_percentage END,
+                    progress_percentage = CASE WHEN t.cancel_requested THEN t.progress_percentage
+                        WHEN o.status = '{TaskStatus.COMPLETED.value}' THEN 100
+                        WHEN o.status = '{PENDING}' THEN 0 ELSE t.progress_percentage END,
                     lease_expires_at = NULL,
                     worker_id = CASE WHEN o.status = '{PENDING}' THEN NULL ELSE t.worker_id END
                 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
                     CAST(:statuses AS varchar[]), CAST(:outputs AS text[]),
-                    CAST(:exceptions AS text[]), CAST(:run_ats AS timestamp[])
-                ) AS o(id, attempt, status, output, exception, run_at)
+                    CAST(:exceptions AS text[]), CAST(:run_ats AS timestamp[]),
+                    CAST(:cancelled AS text[])
+                ) AS o(id, attempt, status, output, exception, run_at, cancelled)
                 WHERE t.id = o.id AND t.attempts = o.attempt
                     AND t.status IN ('{PENDING}', '{RUNNING}')"""),
         }
@@ -535,6 +535,7 @@ class PostgresDialect(Dialect):
             "outputs": [o.output for o in outcomes],
             "exceptions": [o.exception for o in outcomes],
             "run_ats": [o.run_at for o in outcomes],
+            "cancelled": [_if_cancel_requested(o) for o in outcomes],
         }
         return int(conn.execute(self.sql["finish_many"], params).rowcount)
 
@@ -555,13 +556,12 @@ def transaction(
 ) -> Callable[[Callable[Concatenate[S, Connection, P], R]], Callable[Concatenate[S, P], R]]:
     """Run the decorated method in one transaction, on a connection passed after ``self``.
 
-    A transient error (:meth:`Dialect.is_transient`) rolls it back as a whole and runs it
-    again a few times, waiting 0.05, 0.1, 0.2... s: the method must be safe to repeat.
-    Driver errors that remain become :class:`DatabaseUnavailable` or :class:`DatabaseError`.
-    ``read_only`` takes no write lock (SQLite: BEGIN, not BEGIN IMMEDIATE); ``single`` is
-    for one statement, a transaction by itself where the dialect can (PostgreSQL:
-    autocommit: one round trip, no BEGIN/COMMIT); ``schema`` ensures the tables first.
-    """
+    A transient error (:meth:`Dialect.is_transient`) rolls it back and runs it again a few
+    times, waiting 0.05, 0.1, 0.2... s: the method must be safe to repeat. Driver errors
+    that remain become :class:`DatabaseUnavailable` or :class:`DatabaseError`. ``read_only``
+    takes no write lock (SQLite: BEGIN, not BEGIN IMMEDIATE); ``single`` is for one
+    statement, autocommit where the dialect can (PostgreSQL: one round trip); ``schema``
+    ensures the tables first."""
 
     def decorate(
         method: Callable[Concatenate[S, Connection, P], R],

@@ -102,19 +102,24 @@ def cancelled_while_running(outcome: Outcome) -> Outcome:
     retried: whoever cancelled it does not want it run again."""
     if outcome.status == CANCELLED:
         return outcome
-    how = "returned" if outcome.status == COMPLETED else "raised"
-    if outcome.exception is not None:
-        raised = json.loads(outcome.exception)
-        how = f"raised {raised.get('type')}: {raised.get('message')}"
-    error = TaskCancelled(f"task {outcome.id} was cancelled while it ran; it then {how}")
-    record = TaskError.from_exception(error).to_json()
     return Outcome(
         id=outcome.id,
         attempt=outcome.attempt,
         status=CANCELLED,
         output=outcome.output,
-        exception=record,
+        exception=cancelled_record(outcome),
     )
+
+
+def cancelled_record(outcome: Outcome) -> str:
+    """The error record of an attempt that ended (``outcome``) after it was asked to
+    cancel; the store stores it instead when it finds the request set."""
+    how = "returned" if outcome.status == COMPLETED else "raised"
+    if outcome.exception is not None:
+        raised = json.loads(outcome.exception)
+        how = f"raised {raised.get('type')}: {raised.get('message')}"
+    error = TaskCancelled(f"task {outcome.id} was cancelled while it ran; it then {how}")
+    return TaskError.from_exception(error).to_json()
 
 
 def timed_out(

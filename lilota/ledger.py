@@ -69,6 +69,9 @@ class Ledger:
         self._running: dict[int, Running] = {}
         self._unrecorded: list[Outcome] = []
         self._cancel_requested: set[int] = set()
+        # Set when a task starts: the keeper then renews (and so learns of cancellation
+        # requests) within a heartbeat, not at the next idle renewal, lease/3 away.
+        self._started = threading.Event()
 
     # -------------------------------------------------------------- claimed, not started
 
@@ -103,7 +106,8 @@ class Ledger:
                 return None
             running = Running(claim=claim, definition=definition, lane=lane)
             self._running[claim.id] = running
-            return running
+        self._started.set()
+        return running
 
     def end(self, running: Running, outcome: Outcome | None) -> bool:
         """``running`` ended with ``outcome`` (to be recorded). False if it had already
@@ -158,6 +162,13 @@ class Ledger:
     def busy(self) -> bool:
         with self._lock:
             return bool(self._running or self._queued or self._unrecorded)
+
+    def take_started(self) -> bool:
+        """Whether a task started since the last call."""
+        started = self._started.is_set()
+        if started:
+            self._started.clear()
+        return started
 
     def note_cancel_requested(self, ids: Iterable[int]) -> list[Running]:
         """Tell the running ones; remember the queued ones, which then never start (only
@@ -244,8 +255,11 @@ class LeaseKeeper:
         recover_every = max(self.heartbeat, lease / 6)
         next_renew = 0.0
         next_recover = time.monotonic() + recover_every
-        while not self._stop.wait(KEEPER_TICK):
+        wait = KEEPER_TICK
+        while not self._stop.wait(wait):
             now = time.monotonic()
+            if self.ledger.take_started():  # busy now: renew at the busy pace from here on
+                next_renew = min(next_renew, now + self.heartbeat)
             if now >= next_renew:
                 interval = self.heartbeat if self.ledger.busy else max(self.heartbeat, lease / 3)
                 if not self.renew():
@@ -256,6 +270,9 @@ class LeaseKeeper:
                 next_recover = now + recover_every
                 self.recover()
             self.enforce_limits()
+            # Wake for the next renewal on time, not up to a tick late: that renewal is
+            # what passes a cancellation request on.
+            wait = min(KEEPER_TICK, max(0.0, next_renew - time.monotonic()))
 
     def _database_trouble(self) -> None:
         # While this process could not reach the database, neither could the others

@@ -78,8 +78,14 @@ class TaskError:
         name = kind.__qualname__
         if module not in ("builtins", "__main__"):
             name = f"{module}.{name}"
-        trace = "".join(traceback.format_exception(kind, error, error.__traceback__))
-        return cls(type=name, message=str(error), traceback=trace)
+        message = str(error)
+        if error.__traceback__ is None and error.__context__ is None and error.__cause__ is None:
+            # Never raised (a record made to be stored): what format_exception would print,
+            # without its cost (it runs for every attempt a store may end cancelled).
+            trace = f"{name}: {message}\n" if message else f"{name}\n"
+        else:
+            trace = "".join(traceback.format_exception(kind, error, error.__traceback__))
+        return cls(type=name, message=message, traceback=trace)
 
     @classmethod
     def from_json(cls, text: str | None) -> TaskError:

@@ -98,7 +98,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,6 +169,10 @@ logger = logging.getLogger("lilota.testing")
 BACKENDS = ("sqlite", "postgres")
 #: Seconds the app fixtures give ``Lilota.stop()`` at teardown; then workers are killed.
 DEFAULT_STOP_TIMEOUT = 30.0
+#: After a failed test, the app fixtures cancel the unfinished tasks each app scheduled and
+#: give ``stop()`` at most this many seconds: the failure is reported without waiting for
+#: tasks nobody needs any more (a task that ignores cancellation is then killed).
+FAILED_TEST_STOP_TIMEOUT = 2.0
 #: Worker processes of ``lilota_app`` unless ``lilota_app_options`` says otherwise.
 DEFAULT_APP_WORKERS = 2
 
@@ -398,12 +402,49 @@ def wait_for(lilota: Lilota, task_id: int, timeout: float = 10.0) -> Task:
 # --------------------------------------------------------------------------------------------
 
 
-def _stop_all(instances: Sequence[tuple[Lilota, float]]) -> None:
+# Each test's reports (setup, call), so that fixture teardowns know whether it failed.
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    """Whether the test (its setup or its call) has failed, as its teardown begins."""
+    return any(r.failed for r in request.node.stash.get(_REPORTS, {}).values())
+
+
+def _cancel_unfinished(lilota: Lilota) -> None:
+    """Cancel the pending and running tasks ``lilota`` scheduled (best effort)."""
+    from lilota.errors import LilotaError
+
+    try:
+        # The instance's own record of what it scheduled (what stop() would wait for).
+        unfinished = lilota.store.unfinished(set(lilota._scheduled))
+    except LilotaError as error:
+        logger.warning("cannot cancel the tasks of %r at teardown: %s", lilota, error)
+        return
+    for task_id in sorted(unfinished):
+        with contextlib.suppress(LilotaError):  # it ended meanwhile
+            lilota.cancel(task_id)
+
+
+def _stop_all(instances: Sequence[tuple[Lilota, float]], *, failed: bool = False) -> None:
     """Stop every instance (last made first), each within its timeout; then close their
-    database connections. Raises the first error after trying all of them."""
+    database connections. Raises the first error after trying all of them. After a
+    ``failed`` test, their unfinished tasks are cancelled first and the timeout is short."""
     errors: list[BaseException] = []
     for lilota, timeout in reversed(instances):
         try:
+            if failed:
+                _cancel_unfinished(lilota)
+                timeout = min(timeout, FAILED_TEST_STOP_TIMEOUT)
             lilota.stop(timeout=timeout)
         except BaseException as error:
             logger.error("stopping %r at teardown failed: %s", lilota, error)
@@ -436,11 +477,13 @@ def lilota_app_options() -> dict[str, Any]:
 
 @pytest.fixture
 def lilota_app_factory(
-    lilota_db_url: str, lilota_app_options: dict[str, Any]
+    lilota_db_url: str, lilota_app_options: dict[str, Any], request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Lilota]]:
     """``make(**overrides) -> Lilota``: a started ``Lilota`` made from ``lilota_app_options``
     updated with ``overrides`` (e.g. ``make(number_of_workers=4)`` or ``make(start=False)``);
-    every instance it made is stopped at teardown, within its ``stop_timeout``."""
+    every instance it made is stopped at teardown, within its ``stop_timeout``. After a
+    failed test, the unfinished tasks it scheduled are cancelled first, and ``stop()`` gets
+    at most ``FAILED_TEST_STOP_TIMEOUT`` (2 s)."""
     made: list[tuple[Lilota, float]] = []
 
     def make(**overrides: Any) -> Lilota:
@@ -476,14 +519,15 @@ def lilota_app_factory(
     try:
         yield make
     finally:
-        _stop_all(made)
+        _stop_all(made, failed=_test_failed(request))
 
 
 @pytest.fixture
 def lilota_app(lilota_app_factory: Callable[..., Lilota]) -> Lilota:
     """A started ``Lilota`` on ``lilota_db_url`` running your tasks (``lilota_app_options``)
     in worker processes; stopped at teardown (``stop_timeout``, default 30 s, then the
-    workers are killed), whether the test passed or not."""
+    workers are killed). After a failed test, its unfinished tasks are cancelled and
+    ``stop()`` gets 2 s: the failure is not held up by the tasks it scheduled."""
     return lilota_app_factory()
 
 

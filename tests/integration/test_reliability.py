@@ -251,6 +251,25 @@ def test_a_running_task_sees_the_cancellation_and_ends_cancelled(
         lilota.cancel(task_id + 1000)
 
 
+def test_a_task_that_returns_after_a_cancellation_request_ends_cancelled_every_time(
+    lilota_db_url: str, make_app: MakeApp, marks: Path, tmp_path: Path
+) -> None:
+    # The task returns right after cancel(), before its worker's next renewal could tell
+    # it: the request still decides how it ends, every time.
+    lilota = make_app(lilota_db_url, workers=1)
+    began = time.monotonic()
+    for run in range(20):
+        release = tmp_path / f"release-{run}"
+        task_id = lilota.schedule("blocker-once", {"key": f"r{run}", "path": str(release)})
+        wait_until(lambda key=f"r{run}": started(marks, key), "the task to start", timeout=10)
+        assert lilota.cancel(task_id) is TaskStatus.RUNNING
+        release.touch()
+        task = lilota.wait(task_id, timeout=10)
+        assert (task.status, task.output) == (TaskStatus.CANCELLED, "released"), run
+        assert task.exception is not None and "cancelled while it ran" in task.exception.message
+    log.info("20 cancelled runs in %.1f s", time.monotonic() - began)
+
+
 def test_a_running_task_ignoring_cancellation_is_ended_after_the_grace_period(
     lilota_db_url: str, make_app: MakeApp, marks: Path
 ) -> None:

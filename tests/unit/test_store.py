@@ -409,3 +409,36 @@ def test_malformed_db_url_is_refused_with_the_reason(url: object, message: str) 
 def test_plain_postgresql_url_means_psycopg3() -> None:
     assert parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert parse_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_an_attempt_that_ends_after_a_cancellation_request_ends_cancelled(
+    store: TaskStore,
+) -> None:
+    # The worker had not yet seen the request when the task returned (or raised): the
+    # store ends it cancelled all the same, keeping its output; others are untouched.
+    ids = store.add_many([NewTask(name="job") for _ in range(3)])
+    returned, raised, other = claim(store)
+    for c in (returned, raised):
+        assert store.cancel(c.id) is TaskStatus.RUNNING
+    error = json.dumps({"type": "ValueError", "message": "boom"})
+    outcomes = [
+        completed(returned, output="42"),
+        Outcome(id=raised.id, attempt=raised.attempt, status="failed", exception=error),
+        completed(other, output="7"),
+    ]
+
+    assert store.finish(outcomes) == 3
+
+    first, second, third = (store.get(i) for i in ids)
+    assert first is not None and second is not None and third is not None
+    assert (first.status, first.output) == (TaskStatus.CANCELLED, 42)
+    assert first.exception is not None and first.exception.type.endswith("TaskCancelled")
+    assert "cancelled while it ran; it then returned" in first.exception.message
+    assert second.status is TaskStatus.CANCELLED
+    assert second.exception is not None and "raised ValueError: boom" in second.exception.message
+    assert (third.status, third.output, third.progress_percentage) == (
+        TaskStatus.COMPLETED,
+        7,
+        100,
+    )
+    assert first.end_date_time is not None and first.lease_expires_at is None

@@ -13,12 +13,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from lilota import Lilota
 from lilota.testing import (
     HOW_TO_ENABLE,
     PostgresProvider,
@@ -540,3 +542,57 @@ def test_module_imports_no_heavy_dependencies() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+# --------------------------------------------------------------------------------------------
+# lilota_app teardown
+# --------------------------------------------------------------------------------------------
+
+
+def test_lilota_app_teardown_after_a_failed_test_cancels_its_tasks_and_stops_soon(
+    inner: Inner,
+) -> None:
+    # A failing test that scheduled a 60 s task: the teardown does not wait for it (the
+    # default stop timeout is 30 s), it cancels it and stops within a short grace.
+    inner.env(PYTHONPATH=os.pathsep.join([str(REPO), str(inner.pytester.path)]))
+    inner.pytester.makepyfile(
+        sleepy_app="""
+        import time
+        from lilota import Lilota
+
+        app = Lilota(number_of_workers=0)
+
+        @app.register("sleepy")
+        def sleepy() -> None:
+            time.sleep(60)
+        """,
+        conftest="""
+        import pytest
+        import sleepy_app
+
+        @pytest.fixture
+        def lilota_app_options():
+            return {"registry": sleepy_app.app.registry, "number_of_workers": 1}
+        """,
+        test_fails="""
+        import time
+
+        def test_fails(lilota_app, lilota_db_url):
+            task_id = lilota_app.schedule("sleepy")
+            while lilota_app.get_task_by_id(task_id).status.value != "running":
+                time.sleep(0.05)
+            with open("task.txt", "w") as out:
+                out.write(f"{lilota_db_url} {task_id}")
+            assert False, "the test fails while its task runs"
+        """,
+    )
+    began = time.monotonic()
+    result = inner.run()
+    elapsed = time.monotonic() - began
+
+    result.assert_outcomes(failed=1)
+    db_url, task_id = inner.read_lines("task.txt")
+    with Lilota(db_url, number_of_workers=0) as reader:
+        task = reader.get_task_by_id(int(task_id))
+    assert task is not None and task.cancel_requested
+    assert elapsed < 20, f"the teardown waited for the task ({elapsed:.1f} s)"

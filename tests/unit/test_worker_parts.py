@@ -15,6 +15,7 @@ import pytest
 
 from lilota import execution
 from lilota.errors import WorkerExit
+from lilota.ledger import LeaseKeeper
 from lilota.models import TaskStatus
 from lilota.registry import Registry
 from lilota.settings import WorkerSettings
@@ -137,3 +138,32 @@ def test_the_keeper_ends_the_process_for_a_sync_task_past_its_timeout(store: Tas
     assert (outcome.id, outcome.status) == (task_id, "pending")  # a retry: attempts are left
     assert "ran longer than its timeout of 1 s" in json.loads(outcome.exception or "")["message"]
     assert loop.ledger.running() == []
+
+
+def test_the_keeper_passes_a_cancellation_on_within_a_heartbeat_of_an_idle_renewal(
+    store: TaskStore,
+) -> None:
+    # Idle, the keeper renews every lease/3 (10 s here); a task that starts after that
+    # renewal must not wait for the next one to learn it was cancelled.
+    task_id = store.add(NewTask(name="double", input='{"n": 1}'))
+    loop = make_loop(store)
+    keeper = LeaseKeeper(
+        store,
+        loop.ledger,
+        worker_id=loop.worker_id,
+        lease=LEASE,
+        heartbeat=timedelta(seconds=0.2),
+        cancel_grace=timedelta(seconds=10),
+        end_process=lambda code: None,
+    )
+    keeper.start()
+    try:
+        time.sleep(0.5)  # the first, idle renewal is done
+        [claim] = store.claim(worker_id=loop.worker_id, names=["double"], limit=1, lease=LEASE)
+        running = loop.ledger.start(claim, loop.registry.get("double"), "sync")
+        assert running is not None
+        assert store.cancel(task_id) == TaskStatus.RUNNING
+
+        assert running.cancel_event.wait(timeout=3.0)
+    finally:
+        keeper.stop()
