@@ -249,13 +249,16 @@ class TaskStoreMachine(RuleBasedStateMachine):
         assert self.store.finish([out]) == int(expected)
         if not expected:
             return
-        if out.status == COMPLETED:
+        if task.cancel_requested:
+            # Asked to cancel: it ends cancelled however the attempt ended (returned,
+            # raised, or a retry), whether or not the worker saw the request; progress
+            # stays where the attempt left it.
+            self.to_final(task, CANCELLED)
+        elif out.status == COMPLETED:
             self.to_final(task, COMPLETED)
             task.progress = 100
         elif out.status != PENDING:
             self.to_final(task, out.status)
-        elif task.cancel_requested:  # asked to cancel: not tried again
-            self.to_final(task, CANCELLED)
         else:
             assert out.run_at is not None and out.run_at > self.clock.now
             self.to_pending(task, out.run_at)
