@@ -23,8 +23,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
 from lilota import execution, serialization
-from lilota.dialects import Dialect, dialect_for, is_memory_sqlite, parse_url, transaction
-from lilota.dialects import postgres_connect_args as postgres_connect_args
+from lilota.dialects import Dialect, dialect_for
+from lilota.dialects.transactions import transaction
+from lilota.dialects.urls import is_memory_sqlite, parse_url
+from lilota.dialects.urls import postgres_connect_args as postgres_connect_args
 from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
 from lilota.listeners import Listener
 from lilota.models import FINAL_STATUSES, Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus

@@ -15,7 +15,7 @@ import lilota
 PACKAGE = Path(lilota.__file__).parent
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 MAX_LINES = 600  # a concern that needs more is two concerns: name the second one
-SQL_MODULES = {"store.py", "dialects.py"}
+SQL_MODULES = {"store.py", "dialects"}  # the store module and the dialects package
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -34,6 +34,8 @@ def test_no_module_is_over_600_lines() -> None:
 
 
 def test_only_the_store_and_its_dialects_import_sqlalchemy() -> None:
-    speaking = {str(p.relative_to(PACKAGE)) for p in MODULES if "sqlalchemy" in _imported_roots(p)}
+    speaking = {
+        p.relative_to(PACKAGE).parts[0] for p in MODULES if "sqlalchemy" in _imported_roots(p)
+    }
     assert speaking <= SQL_MODULES
     assert "store.py" in speaking

@@ -9,26 +9,24 @@ single statements, and which driver errors are worth another try (:func:`transac
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection, Engine, Row, make_url
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.engine.url import URL
 from sqlalchemy.pool import StaticPool
 
-from lilota.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
+from lilota.dialects.urls import is_memory_sqlite, postgres_connect_args
 from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
@@ -42,11 +40,10 @@ CANCELLED = TaskStatus.CANCELLED.value
 _FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 
 
-def _if_cancel_requested(o: Outcome) -> str | None:
-    """The exception recorded instead if a cancellation was requested (the worker may not
-    have seen it): a return or failure then ends cancelled. None: retries, cancellations."""
-    done = o.status in (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
-    return cancelled_record(o) if done else None
+# An attempt that returned or raised ends cancelled if a cancellation was requested (the
+# worker may not have seen it), with :func:`cancelled_record` as its exception.
+_ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
+_KEYS = ("b_id", "b_attempt", "b_exception")
 
 
 # SQLite waits this long for another process's write transaction. Writes here take a few
@@ -64,55 +61,6 @@ SQLITE_LOCKED_RETRIES = 5
 # real outage (DatabaseUnavailable) within about a second. Workers retry with back-off.
 UNREACHABLE_RETRIES = 5
 
-# libpq connection settings unless the URL sets them: a server that does not answer fails
-# a connection attempt after 10 s (the default: never), and TCP keepalives notice a dead
-# server or network within about a minute, even while a statement waits for its answer.
-POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = dict(
-    connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3
-)
-
-
-def parse_url(db_url: object) -> URL:
-    """``db_url`` validated, with lilota's driver defaults (``postgresql://`` means psycopg
-    3, ``postgresql+psycopg://``). Raises :class:`ConfigurationError` naming the problem."""
-    if not isinstance(db_url, (str, URL)):
-        raise ConfigurationError(f"db_url must be a string, got {type(db_url).__name__}")
-    try:
-        url = make_url(db_url)
-    except exc.ArgumentError as e:
-        raise ConfigurationError(
-            f"db_url {str(db_url)!r} is not a database URL; expected e.g. "
-            "'sqlite:///lilota.db' or 'postgresql+psycopg://user:password@host:5432/dbname'"
-        ) from e
-    backend = url.get_backend_name()
-    if backend in ("postgresql", "postgres") and url.drivername in ("postgresql", "postgres"):
-        url = url.set(drivername="postgresql+psycopg")
-    shown = url.render_as_string(hide_password=True)
-    database = (url.database or "") if backend == "sqlite" else ""
-    if database and database != ":memory:" and not database.startswith("file:"):
-        parent = os.path.dirname(os.path.abspath(database))
-        if not os.path.isdir(parent):
-            raise ConfigurationError(f"db_url {shown!r}: the directory {parent!r} does not exist")
-    try:
-        url.get_dialect()
-    except exc.NoSuchModuleError as e:
-        raise ConfigurationError(
-            f"db_url {shown!r}: SQLAlchemy has no dialect {url.drivername!r}"
-        ) from e
-    return url
-
-
-def is_memory_sqlite(url: URL) -> bool:
-    return url.get_backend_name() == "sqlite" and (url.database or ":memory:") == ":memory:"
-
-
-def postgres_connect_args(url: URL) -> dict[str, Any]:
-    """:data:`POSTGRES_CONNECT_DEFAULTS` that the URL's query does not set."""
-    return {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in url.query}
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
 _dialects: weakref.WeakSet[Dialect] = weakref.WeakSet()
 
 
@@ -210,6 +158,8 @@ class Dialect:
                 # Who ran a finished task stays visible; a pending one belongs to no worker.
                 worker_id=sa.case((sa.bindparam("b_status") == PENDING, None), else_=c.worker_id),
             ),
+            # Which of :ids were asked to cancel.
+            "asked": sa.select(c.id).where(ids, c.cancel_requested == sa.true()),
             # Retries of :ids whose cancellation was requested end cancelled instead.
             "cancel_retries": t.update()
             .where(ids, c.status == PENDING, c.cancel_requested == sa.true())
@@ -319,7 +269,11 @@ class Dialect:
         return conn.execute(self.sql["claim"], params).all()
 
     def finish_many(self, conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> int:
-        """Record ``outcomes`` (fenced by attempt) at ``now``; how many were recorded."""
+        """Record ``outcomes`` (fenced by attempt) at ``now``; how many were recorded. Those
+        of tasks asked to cancel are read first (SQLite's writers are serialised, so the
+        update sees the same requests); only they carry a cancelled record."""
+        ended = [o.id for o in outcomes if o.status in _ENDED]
+        asked = {r[0] for r in conn.execute(self.sql["asked"], {"ids": ended})} if ended else ()
         params = [
             {
                 "b_id": o.id,
@@ -330,7 +284,9 @@ class Dialect:
                 "b_end": None if o.status == PENDING else now,
                 "b_run_at": o.run_at,
                 "b_progress": _FINAL_PROGRESS.get(o.status),
-                "b_cancelled": _if_cancel_requested(o),
+                "b_cancelled": cancelled_record(o)
+                if o.id in asked and o.status in _ENDED
+                else None,
             }
             for o in outcomes
         ]
@@ -447,13 +403,12 @@ class PostgresDialect(Dialect):
                     ORDER BY priority DESC, run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED))
                 RETURNING id, name, input, attempts, max_attempts, priority, run_at"""),
             # Finish a batch of outcomes in one statement, a join with one array per column
-            # (fenced by attempt): about a third of the server time of one UPDATE each;
-            # a task asked to cancel ends cancelled however it ended, as in "finish".
+            # (fenced by attempt): about a third of the server time of one UPDATE each. A
+            # task asked to cancel ends cancelled however it ended; RETURNING says which.
             "finish_many": sa.text(f"""
                 UPDATE lilota_task AS t SET status = CASE WHEN t.cancel_requested
-                    AND o.cancelled IS NOT NULL THEN '{CANCELLED}' ELSE o.status END,
-                    exception = CASE WHEN t.cancel_requested AND o.cancelled IS NOT NULL
-                        THEN o.cancelled ELSE o.exception END, output = o.output,
+                    AND o.status IN {_ENDED} THEN '{CANCELLED}' ELSE o.status END,
+                    exception = o.exception, output = o.output,
                     end_date_time = CASE WHEN o.status = '{PENDING}'
                         THEN NULL ELSE CAST(:now AS timestamp) END,
                     run_at = coalesce(o.run_at, t.run_at),
@@ -464,11 +419,14 @@ class PostgresDialect(Dialect):
                     worker_id = CASE WHEN o.status = '{PENDING}' THEN NULL ELSE t.worker_id END
                 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
                     CAST(:statuses AS varchar[]), CAST(:outputs AS text[]),
-                    CAST(:exceptions AS text[]), CAST(:run_ats AS timestamp[]),
-                    CAST(:cancelled AS text[])
-                ) AS o(id, attempt, status, output, exception, run_at, cancelled)
+                    CAST(:exceptions AS text[]), CAST(:run_ats AS timestamp[])
+                ) AS o(id, attempt, status, output, exception, run_at)
                 WHERE t.id = o.id AND t.attempts = o.attempt
-                    AND t.status IN ('{PENDING}', '{RUNNING}')"""),
+                    AND t.status IN ('{PENDING}', '{RUNNING}')
+                RETURNING t.id, t.status = '{CANCELLED}' AND o.status <> '{CANCELLED}'"""),
+            # The record of an attempt that ended cancelled because it was asked to.
+            "cancelled_record": sa.text("""UPDATE lilota_task SET exception = :b_exception
+                WHERE id = :b_id AND attempts = :b_attempt"""),
         }
 
     def create_engine(self, pool_size: int) -> Engine:
@@ -535,63 +493,14 @@ class PostgresDialect(Dialect):
             "outputs": [o.output for o in outcomes],
             "exceptions": [o.exception for o in outcomes],
             "run_ats": [o.run_at for o in outcomes],
-            "cancelled": [_if_cancel_requested(o) for o in outcomes],
         }
-        return int(conn.execute(self.sql["finish_many"], params).rowcount)
-
-
-class Transactional(Protocol):
-    """What :func:`transaction` needs of the object whose methods it decorates."""
-
-    dialect: Dialect
-
-    def ensure_schema(self) -> None: ...
-
-
-S = TypeVar("S", bound=Transactional)
-
-
-def transaction(
-    *, read_only: bool = False, single: bool = False, schema: bool = False
-) -> Callable[[Callable[Concatenate[S, Connection, P], R]], Callable[Concatenate[S, P], R]]:
-    """Run the decorated method in one transaction, on a connection passed after ``self``.
-
-    A transient error (:meth:`Dialect.is_transient`) rolls it back and runs it again a few
-    times, waiting 0.05, 0.1, 0.2... s: the method must be safe to repeat. Driver errors
-    that remain become :class:`DatabaseUnavailable` or :class:`DatabaseError`. ``read_only``
-    takes no write lock (SQLite: BEGIN, not BEGIN IMMEDIATE); ``single`` is for one
-    statement, autocommit where the dialect can (PostgreSQL: one round trip); ``schema``
-    ensures the tables first."""
-
-    def decorate(
-        method: Callable[Concatenate[S, Connection, P], R],
-    ) -> Callable[Concatenate[S, P], R]:
-        @functools.wraps(method)
-        def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            if schema:
-                self.ensure_schema()
-            dialect = self.dialect
-            for attempt in range(1, dialect.retries + 1):
-                try:
-                    with dialect.connect(read_only, single) as conn, conn.begin():
-                        return method(self, conn, *args, **kwargs)
-                except exc.DBAPIError as e:
-                    if attempt < dialect.retries and dialect.is_transient(e):
-                        time.sleep(0.05 * 2 ** (attempt - 1))
-                        continue
-                    if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
-                        where = dialect.url.render_as_string(hide_password=True)
-                        raise DatabaseUnavailable(
-                            f"the database at {where} cannot be reached: {e.orig}"
-                        ) from e
-                    raise DatabaseError(f"the database refused a statement: {e.orig}") from e
-                except exc.SQLAlchemyError as e:
-                    raise DatabaseError(f"database error: {e}") from e
-            raise AssertionError("unreachable")
-
-        return run
-
-    return decorate
+        rows = conn.execute(self.sql["finish_many"], params).all()
+        if turned := {task_id for task_id, cancelled in rows if cancelled}:  # rare
+            record = [(o.id, o.attempt, cancelled_record(o)) for o in outcomes if o.id in turned]
+            conn.execute(
+                self.sql["cancelled_record"], [dict(zip(_KEYS, r, strict=True)) for r in record]
+            )
+        return len(rows)
 
 
 def dialect_for(url: URL, table: sa.Table, *, pool_size: int) -> Dialect:

@@ -1,0 +1,58 @@
+"""Database URLs: validated, with lilota's driver defaults and connection settings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.engine.url import URL
+
+from lilota.errors import ConfigurationError
+
+# libpq connection settings unless the URL sets them: a server that does not answer fails
+# a connection attempt after 10 s (the default: never), and TCP keepalives notice a dead
+# server or network within about a minute, even while a statement waits for its answer.
+POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = dict(
+    connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3
+)
+
+
+def parse_url(db_url: object) -> URL:
+    """``db_url`` validated, with lilota's driver defaults (``postgresql://`` means psycopg
+    3, ``postgresql+psycopg://``). Raises :class:`ConfigurationError` naming the problem."""
+    if not isinstance(db_url, (str, URL)):
+        raise ConfigurationError(f"db_url must be a string, got {type(db_url).__name__}")
+    try:
+        url = make_url(db_url)
+    except exc.ArgumentError as e:
+        raise ConfigurationError(
+            f"db_url {str(db_url)!r} is not a database URL; expected e.g. "
+            "'sqlite:///lilota.db' or 'postgresql+psycopg://user:password@host:5432/dbname'"
+        ) from e
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "postgres") and url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    shown = url.render_as_string(hide_password=True)
+    database = (url.database or "") if backend == "sqlite" else ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        parent = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(parent):
+            raise ConfigurationError(f"db_url {shown!r}: the directory {parent!r} does not exist")
+    try:
+        url.get_dialect()
+    except exc.NoSuchModuleError as e:
+        raise ConfigurationError(
+            f"db_url {shown!r}: SQLAlchemy has no dialect {url.drivername!r}"
+        ) from e
+    return url
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and (url.database or ":memory:") == ":memory:"
+
+
+def postgres_connect_args(url: URL) -> dict[str, Any]:
+    """:data:`POSTGRES_CONNECT_DEFAULTS` that the URL's query does not set."""
+    return {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in url.query}
