@@ -61,7 +61,7 @@ PENDING = TaskStatus.PENDING.value
 
 def completed(claim: Claim, output: str | None) -> Outcome:
     """The attempt returned; ``output`` is its JSON text."""
-    return Outcome(id=claim.id, attempt=claim.attempt, status=COMPLETED, output=output)
+    return Outcome(id=claim.id, fence=claim.fence, status=COMPLETED, output=output)
 
 
 def failed(
@@ -78,16 +78,16 @@ def failed(
     if definition is not None and retriable and claim.attempt < limit:
         delay = definition.retry.delay_after(claim.attempt)
         return Outcome(
-            id=claim.id, attempt=claim.attempt, status=PENDING, exception=record, run_at=now + delay
+            id=claim.id, fence=claim.fence, status=PENDING, exception=record, run_at=now + delay
         )
-    return Outcome(id=claim.id, attempt=claim.attempt, status=FAILED, exception=record)
+    return Outcome(id=claim.id, fence=claim.fence, status=FAILED, exception=record)
 
 
 def cancelled(claim: Claim, error: BaseException, output: str | None = None) -> Outcome:
     """The attempt ended because it was cancelled (never retried)."""
     record = TaskError.from_exception(error).to_json()
     return Outcome(
-        id=claim.id, attempt=claim.attempt, status=CANCELLED, output=output, exception=record
+        id=claim.id, fence=claim.fence, status=CANCELLED, output=output, exception=record
     )
 
 
@@ -104,7 +104,7 @@ def cancelled_while_running(outcome: Outcome) -> Outcome:
         return outcome
     return Outcome(
         id=outcome.id,
-        attempt=outcome.attempt,
+        fence=outcome.fence,
         status=CANCELLED,
         output=outcome.output,
         exception=cancelled_record(outcome),
@@ -138,26 +138,19 @@ def timed_out(
     return failed(claim, definition, TaskTimeout(message), now)
 
 
-def worker_lost(task_id: int, attempt: int, message: str) -> Outcome:
-    """The process running the attempt ended under it: failed with ``WorkerLost``."""
-    record = TaskError.from_exception(WorkerLost(message)).to_json()
-    return Outcome(id=task_id, attempt=attempt, status=FAILED, exception=record)
-
-
 def interrupted(
-    task_id: int, attempt: int, message: str, *, cancel_requested: bool, retry_at: datetime | None
+    task_id: int, fence: int, message: str, *, cancel_requested: bool, retry_at: datetime | None
 ) -> Outcome:
     """The end of an attempt whose worker is gone (``message`` says how), decided by the
-    store: cancelled if someone asked, else pending again at ``retry_at``, else failed
-    with ``WorkerLost``."""
+    store: cancelled if someone asked, else pending again at ``retry_at`` (a recovery,
+    which the store counts apart from attempts), else failed with ``WorkerLost``."""
     if cancel_requested:
-        return cancelled(
-            Claim(id=task_id, name="", input=None, attempt=attempt, max_attempts=1),
-            TaskCancelled(f"task {task_id} was cancelled; {message}"),
-        )
+        error = TaskCancelled(f"task {task_id} was cancelled; {message}")
+        record = TaskError.from_exception(error).to_json()
+        return Outcome(id=task_id, fence=fence, status=CANCELLED, exception=record)
     record = TaskError.from_exception(WorkerLost(message)).to_json()
     status = PENDING if retry_at else FAILED
-    return Outcome(id=task_id, attempt=attempt, status=status, exception=record, run_at=retry_at)
+    return Outcome(id=task_id, fence=fence, status=status, exception=record, run_at=retry_at)
 
 
 def did_not_stop(claim: Claim, grace: timedelta) -> Outcome:
@@ -350,5 +343,4 @@ __all__ = [
     "progress_writer",
     "scheduler",
     "timed_out",
-    "worker_lost",
 ]

@@ -137,6 +137,10 @@ class Task:
     worker_id: str | None = None
     unique_key: str | None = None
     cancel_requested: bool = False
+    recoveries: int = 0
+    max_recoveries: int = 3
+    fence: int = 0
+    legacy_id: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -181,6 +185,10 @@ class Task:
             worker_id=row.get("worker_id"),
             unique_key=row.get("unique_key"),
             cancel_requested=bool(row.get("cancel_requested")),
+            recoveries=int(row.get("recoveries") or 0),
+            max_recoveries=int(row.get("max_recoveries") or 0),
+            fence=int(row.get("fence") or 0),
+            legacy_id=row.get("legacy_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -220,6 +228,9 @@ class Task:
             "pid": self.pid,
             "lease_expires_at": iso(self.lease_expires_at),
             "cancel_requested": self.cancel_requested,
+            "recoveries": self.recoveries,
+            "max_recoveries": self.max_recoveries,
+            "legacy_id": self.legacy_id,
         }
 
 
@@ -304,6 +315,11 @@ if TYPE_CHECKING:
 
 _PENDING = TaskStatus.PENDING.value
 
+# A task whose worker is lost (killed, its machine gone, its lease expired) runs again up
+# to this many times, then fails with WorkerLost; apart from max_attempts, which counts
+# the attempts the task itself ended (by raising).
+DEFAULT_MAX_RECOVERIES = 3
+
 
 @dataclass(frozen=True, kw_only=True)
 class NewTask:
@@ -317,6 +333,7 @@ class NewTask:
     description: str | None = None
     unique_key: str | None = None
     schedule_key: str | None = None
+    max_recoveries: int = DEFAULT_MAX_RECOVERIES
 
     def __post_init__(self) -> None:
         # Before anything is written, so that schedule() refuses these alike on every
@@ -335,6 +352,7 @@ class NewTask:
             "run_at": to_naive_utc(self.run_at) if self.run_at else now,
             "priority": self.priority,
             "max_attempts": self.max_attempts,
+            "max_recoveries": self.max_recoveries,
             "description": self.description,
             "unique_key": self.unique_key,
             "schedule_key": self.schedule_key,
@@ -379,13 +397,16 @@ def _check_text(field: str, value: object) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Claim:
-    """A task a worker holds: ``attempt`` fences every later write of this worker."""
+    """A task a worker holds. ``attempt`` counts its runs (1 for the first); ``fence``
+    counts every claim of the task ever made and never goes back (not even when it is
+    retried), and fences every later write of this worker."""
 
     id: int
     name: str
     input: str | None
     attempt: int
     max_attempts: int
+    fence: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -396,7 +417,7 @@ class Outcome:
     """
 
     id: int
-    attempt: int
+    fence: int
     status: str
     output: str | None = None
     exception: str | None = None

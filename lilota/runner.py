@@ -334,8 +334,10 @@ class TaskRunner:
                 if how is None:
                     continue
                 message = f"worker process {task.pid} running task {task.id} {how}"
-                store.set_progress(task.id, task.attempts, 100)
-                lost = execution.worker_lost(task.id, task.attempts, message)
+                store.set_progress(task.id, task.fence, 100)
+                lost = execution.interrupted(
+                    task.id, task.fence, message, cancel_requested=False, retry_at=None
+                )
                 if store.finish([lost]):
                     log.error("task %d failed: %s", task.id, message)
         except Exception as e:  # called from the supervisor's thread: never raise there

@@ -43,7 +43,9 @@ _FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 # An attempt that returned or raised ends cancelled if a cancellation was requested (the
 # worker may not have seen it), with :func:`cancelled_record` as its exception.
 _ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
-_KEYS = ("b_id", "b_attempt", "b_exception")
+_KEYS = ("b_id", "b_fence", "b_exception")
+# What a claim returns of each task it claims.
+CLAIMED = ("id", "name", "input", "attempts", "fence", "max_attempts", "priority", "run_at")
 
 
 # SQLite waits this long for another process's write transaction. Writes here take a few
@@ -102,11 +104,13 @@ class Dialect:
     def catalogue(self, t: sa.Table) -> dict[str, Any]:
         """Every statement the store runs, by name (one comment each)."""
         c, pct = t.c, t.c.progress_percentage
-        fence = (c.id == sa.bindparam("b_id"), c.attempts == sa.bindparam("b_attempt"))
+        # Every write after a claim names the claim's fence, which only ever goes up.
+        fence = (c.id == sa.bindparam("b_id"), c.fence == sa.bindparam("b_fence"))
         by_id = c.id == sa.bindparam("b_id")
         names = c.name.in_(sa.bindparam("names", expanding=True))
         due = (c.status == PENDING, c.run_at <= sa.bindparam("now"), names)
-        running = (c.id, c.attempts, c.max_attempts, c.worker_id, c.cancel_requested)
+        running = [c.id, c.fence, c.attempts, c.recoveries, c.max_recoveries, c.worker_id]
+        running.append(c.cancel_requested)
         lease_over = (c.status == RUNNING, c.lease_expires_at < sa.bindparam("now"))
         ids = c.id.in_(sa.bindparam("ids", expanding=True))
         order = (c.priority.desc(), c.run_at, c.id)
@@ -122,12 +126,14 @@ class Dialect:
             "has_runnable": sa.select(c.id).where(*due).limit(1),
             # The earliest run_at of a pending task of :names.
             "next_run_at": sa.select(sa.func.min(c.run_at)).where(c.status == PENDING, names),
-            # The first :limit runnable tasks of :names become running: attempt + 1, leased.
+            # The first :limit runnable tasks of :names become running: attempt + 1, a new
+            # fence, leased.
             "claim": t.update()
             .where(c.id.in_(runnable.scalar_subquery()))
             .values(
                 status=RUNNING,
                 attempts=c.attempts + 1,
+                fence=c.fence + 1,
                 worker_id=sa.bindparam("b_worker_id"),
                 pid=sa.bindparam("b_pid"),
                 start_date_time=sa.bindparam("now"),
@@ -135,7 +141,7 @@ class Dialect:
                 progress_percentage=0,
                 end_date_time=None,
             )
-            .returning(c.id, c.name, c.input, c.attempts, c.max_attempts, c.priority, c.run_at),
+            .returning(*(c[name] for name in CLAIMED)),
             # Raise a held task's attempt limit to :b_max (fenced).
             "raise_max_attempts": t.update()
             .where(*fence)
@@ -164,6 +170,11 @@ class Dialect:
             "cancel_retries": t.update()
             .where(ids, c.status == PENDING, c.cancel_requested == sa.true())
             .values(status=CANCELLED, end_date_time=sa.bindparam("now")),
+            # A recovered task's attempt (its worker was lost) does not count; the recovery
+            # does (fenced: the claim that was lost).
+            "count_recovery": t.update()
+            .where(*fence, c.status == PENDING)
+            .values(attempts=c.attempts - 1, recoveries=c.recoveries + 1),
             # Record the progress of a running attempt (fenced).
             "progress": t.update()
             .where(*fence, c.status == RUNNING)
@@ -173,18 +184,19 @@ class Dialect:
             .where(c.worker_id == sa.bindparam("b_worker_id"), c.status == RUNNING)
             .values(lease_expires_at=sa.bindparam("b_lease_until"))
             .returning(c.id, c.cancel_requested),
-            # Give a running attempt back to pending (fenced), refunding it if :b_refund is
-            # 1. A started attempt given back counts, as if its worker was lost: with none
+            # Give a running attempt back to pending (fenced); its attempt does not count. If
+            # it started (:b_refund 0) it counts as a recovery, as if its worker was lost: with
             # left, or a cancellation asked for, it stays running for the store to end.
             "release": t.update()
             .where(*fence, c.status == RUNNING)
             .where(
                 sa.or_(
                     sa.bindparam("b_refund") == 1,
-                    sa.and_(c.attempts < c.max_attempts, c.cancel_requested == sa.false()),
+                    sa.and_(c.recoveries < c.max_recoveries, c.cancel_requested == sa.false()),
                 )
             )
-            .values(status=PENDING, attempts=c.attempts - sa.bindparam("b_refund"))
+            .values(status=PENDING, attempts=c.attempts - 1, progress_percentage=0)
+            .values(recoveries=c.recoveries + 1 - sa.bindparam("b_refund"))
             .values(**dict.fromkeys(("worker_id", "lease_expires_at", "pid", "start_date_time"))),
             # Running attempts among :ids (to end those a release left running).
             "running": sa.select(*running).where(c.status == RUNNING, ids),
@@ -207,10 +219,12 @@ class Dialect:
             "ask_to_cancel": t.update()
             .where(by_id, c.status == RUNNING)
             .values(cancel_requested=True),
-            # A failed or cancelled task is pending again, as if new (attempts from zero).
+            # A failed or cancelled task is pending again, as if new (attempts and recoveries
+            # from zero; the fence goes on from where it is).
             "retry": t.update()
             .where(by_id, c.status.in_((TaskStatus.FAILED.value, CANCELLED)))
-            .values(status=PENDING, attempts=0, run_at=sa.bindparam("now"), progress_percentage=0)
+            .values(status=PENDING, attempts=0, recoveries=0, run_at=sa.bindparam("now"))
+            .values(progress_percentage=0)
             .values(cancel_requested=False, output=None, exception=None, start_date_time=None)
             .values(end_date_time=None, worker_id=None, pid=None),
         }
@@ -265,11 +279,11 @@ class Dialect:
         return [int(r[0]) for r in conn.execute(self.sql["insert_many"], rows)]
 
     def claim(self, conn: Connection, params: dict[str, Any]) -> Sequence[Row[Any]]:
-        """Run the claim: rows (id, name, input, attempts, max_attempts, priority, run_at)."""
+        """Run the claim: rows of :data:`CLAIMED`."""
         return conn.execute(self.sql["claim"], params).all()
 
     def finish_many(self, conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> int:
-        """Record ``outcomes`` (fenced by attempt) at ``now``; how many were recorded. Those
+        """Record ``outcomes`` (fenced) at ``now``; how many were recorded. Those
         of tasks asked to cancel are read first (SQLite's writers are serialised, so the
         update sees the same requests); only they carry a cancelled record."""
         ended = [o.id for o in outcomes if o.status in _ENDED]
@@ -277,7 +291,7 @@ class Dialect:
         params = [
             {
                 "b_id": o.id,
-                "b_attempt": o.attempt,
+                "b_fence": o.fence,
                 "b_status": o.status,
                 "b_output": o.output,
                 "b_exception": o.exception,
@@ -377,21 +391,24 @@ class PostgresDialect(Dialect):
             "insert_many": sa.text(f"""
                 INSERT INTO lilota_task (name, status, input, run_at, priority, max_attempts,
                     description, unique_key, schedule_key, created_at, attempts,
-                    progress_percentage, cancel_requested)
+                    progress_percentage, cancel_requested, max_recoveries)
                 SELECT n.name, '{PENDING}', n.input, n.run_at, n.priority, n.max_attempts,
-                    n.description, n.unique_key, n.schedule_key, CAST(:now AS timestamp), 0, 0, false
+                    n.description, n.unique_key, n.schedule_key, CAST(:now AS timestamp), 0, 0,
+                    false, n.max_recoveries
                 FROM unnest(CAST(:names AS varchar[]), CAST(:inputs AS text[]),
                     CAST(:run_ats AS timestamp[]), CAST(:priorities AS integer[]),
                     CAST(:max_attempts AS integer[]), CAST(:descriptions AS text[]),
-                    CAST(:unique_keys AS varchar[]), CAST(:schedule_keys AS varchar[])
+                    CAST(:unique_keys AS varchar[]), CAST(:schedule_keys AS varchar[]),
+                    CAST(:max_recoveries AS integer[])
                 ) WITH ORDINALITY AS n(name, input, run_at, priority, max_attempts, description,
-                    unique_key, schedule_key, position)
+                    unique_key, schedule_key, max_recoveries, position)
                 ORDER BY n.position RETURNING id"""),
             # The claim by hand: names as one array parameter, so the text never changes and
             # psycopg prepares it once per connection; ids by = ANY(ARRAY(...)), which reads
             # the locked rows back by primary key; max_attempts raised to the worker's floor.
             "claim": sa.text(f"""
                 UPDATE lilota_task SET status = '{RUNNING}', attempts = attempts + 1,
+                    fence = fence + 1,
                     worker_id = :b_worker_id, pid = :b_pid, start_date_time = :now,
                     lease_expires_at = :b_lease_until, progress_percentage = 0,
                     end_date_time = NULL, max_attempts = GREATEST(max_attempts,
@@ -401,9 +418,9 @@ class PostgresDialect(Dialect):
                     WHERE status = '{PENDING}' AND run_at <= :now
                         AND name = ANY(CAST(:names AS varchar[]))
                     ORDER BY priority DESC, run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED))
-                RETURNING id, name, input, attempts, max_attempts, priority, run_at"""),
+                RETURNING {", ".join(CLAIMED)}"""),
             # Finish a batch of outcomes in one statement, a join with one array per column
-            # (fenced by attempt): about a third of the server time of one UPDATE each. A
+            # (fenced): about a third of the server time of one UPDATE each. A
             # task asked to cancel ends cancelled however it ended; RETURNING says which.
             "finish_many": sa.text(f"""
                 UPDATE lilota_task AS t SET status = CASE WHEN t.cancel_requested
@@ -417,16 +434,16 @@ class PostgresDialect(Dialect):
                         WHEN o.status = '{PENDING}' THEN 0 ELSE t.progress_percentage END,
                     lease_expires_at = NULL,
                     worker_id = CASE WHEN o.status = '{PENDING}' THEN NULL ELSE t.worker_id END
-                FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+                FROM unnest(CAST(:ids AS bigint[]), CAST(:fences AS bigint[]),
                     CAST(:statuses AS varchar[]), CAST(:outputs AS text[]),
                     CAST(:exceptions AS text[]), CAST(:run_ats AS timestamp[])
-                ) AS o(id, attempt, status, output, exception, run_at)
-                WHERE t.id = o.id AND t.attempts = o.attempt
+                ) AS o(id, fence, status, output, exception, run_at)
+                WHERE t.id = o.id AND t.fence = o.fence
                     AND t.status IN ('{PENDING}', '{RUNNING}')
                 RETURNING t.id, t.status = '{CANCELLED}' AND o.status <> '{CANCELLED}'"""),
             # The record of an attempt that ended cancelled because it was asked to.
             "cancelled_record": sa.text("""UPDATE lilota_task SET exception = :b_exception
-                WHERE id = :b_id AND attempts = :b_attempt"""),
+                WHERE id = :b_id AND fence = :b_fence"""),
         }
 
     def create_engine(self, pool_size: int) -> Engine:
@@ -481,6 +498,7 @@ class PostgresDialect(Dialect):
             "descriptions": [t.description for t in tasks],
             "unique_keys": [t.unique_key for t in tasks],
             "schedule_keys": [t.schedule_key for t in tasks],
+            "max_recoveries": [t.max_recoveries for t in tasks],
         }
         return sorted(int(r[0]) for r in conn.execute(self.sql["insert_many"], params))
 
@@ -488,7 +506,7 @@ class PostgresDialect(Dialect):
         params = {
             "now": now,
             "ids": [o.id for o in outcomes],
-            "attempts": [o.attempt for o in outcomes],
+            "fences": [o.fence for o in outcomes],
             "statuses": [o.status for o in outcomes],
             "outputs": [o.output for o in outcomes],
             "exceptions": [o.exception for o in outcomes],
@@ -496,7 +514,7 @@ class PostgresDialect(Dialect):
         }
         rows = conn.execute(self.sql["finish_many"], params).all()
         if turned := {task_id for task_id, cancelled in rows if cancelled}:  # rare
-            record = [(o.id, o.attempt, cancelled_record(o)) for o in outcomes if o.id in turned]
+            record = [(o.id, o.fence, cancelled_record(o)) for o in outcomes if o.id in turned]
             conn.execute(
                 self.sql["cancelled_record"], [dict(zip(_KEYS, r, strict=True)) for r in record]
             )

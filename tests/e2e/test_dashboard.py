@@ -365,11 +365,7 @@ def test_task_fields_holding_html_are_shown_as_text_and_never_run(
         "traceback": 'Traceback:\n  <img src=x onerror="window.__xss=7">',
     }
     store.finish(
-        [
-            Outcome(
-                id=task_id, attempt=claim.attempt, status="failed", exception=json.dumps(exception)
-            )
-        ]
+        [Outcome(id=task_id, fence=claim.fence, status="failed", exception=json.dumps(exception))]
     )
     page = tab.page
     server = serve(scheduler.db_url)

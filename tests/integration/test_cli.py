@@ -111,7 +111,7 @@ class Tasks:
 
     def end(self, name: str, value: object, status: str, **outcome: Any) -> int:
         task_id = self.start(name, value)
-        self.store.finish([Outcome(id=task_id, attempt=1, status=status, **outcome)])
+        self.store.finish([Outcome(id=task_id, fence=1, status=status, **outcome)])
         return task_id
 
     def complete(self, name: str, value: object, output: object) -> int:
@@ -295,7 +295,7 @@ def test_watch_follows_a_running_task_until_it_completes(lilota_db_url: str, tas
     assert watcher.stdout is not None
     first = watcher.stdout.readline()  # not a terminal: one line per change
     assert first.strip() == f"task {task_id} (long): running 40%"
-    tasks.store.finish([Outcome(id=task_id, attempt=1, status="completed", output="3")])
+    tasks.store.finish([Outcome(id=task_id, fence=1, status="completed", output="3")])
     rest, err = watcher.communicate(timeout=PATIENCE)
     assert watcher.returncode == 0, err
     assert rest.strip().splitlines()[-1].startswith(f"task {task_id} (long) completed after")

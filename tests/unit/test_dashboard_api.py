@@ -76,7 +76,7 @@ def finish(store: TaskStore, task_id: int, status: str, **fields: Any) -> None:
         for c in store.claim(worker_id="w", names=["job"], limit=10, lease=timedelta(minutes=5))
         if c.id == task_id
     ]
-    store.finish([Outcome(id=task_id, attempt=claim.attempt, status=status, **fields)])
+    store.finish([Outcome(id=task_id, fence=claim.fence, status=status, **fields)])
 
 
 # ---------------------------------------------------------------------- reading

@@ -66,7 +66,7 @@ def test_tasks_get_three_attempts_unless_registered_otherwise() -> None:
 
 
 def test_failure_with_attempts_left_is_a_retry_after_the_backoff(clock: FakeClock) -> None:
-    claim = Claim(id=7, name="job", input=None, attempt=2, max_attempts=3)
+    claim = Claim(id=7, name="job", input=None, attempt=2, max_attempts=3, fence=2)
     outcome = execution.failed(claim, definition(retry_delay=1.0), ValueError("boom"), clock.now)
     assert outcome.status == "pending"
     assert outcome.run_at is not None
@@ -76,7 +76,7 @@ def test_failure_with_attempts_left_is_a_retry_after_the_backoff(clock: FakeCloc
 
 
 def test_failure_of_the_last_attempt_is_final(clock: FakeClock) -> None:
-    claim = Claim(id=7, name="job", input=None, attempt=3, max_attempts=3)
+    claim = Claim(id=7, name="job", input=None, attempt=3, max_attempts=3, fence=3)
     outcome = execution.failed(claim, definition(), ValueError("boom"), clock.now)
     assert (outcome.status, outcome.run_at) == ("failed", None)
     assert json.loads(outcome.exception or "")["type"] == "ValueError"
@@ -88,7 +88,7 @@ def test_failure_of_the_last_attempt_is_final(clock: FakeClock) -> None:
 def test_an_input_or_output_that_cannot_work_is_not_retried(
     error: Exception, clock: FakeClock
 ) -> None:
-    claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=3)
+    claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=3, fence=1)
     assert execution.failed(claim, definition(), error, clock.now).status == "failed"
 
 
@@ -161,7 +161,7 @@ def test_an_attempt_told_to_cancel_ends_cancelled_however_it_ended(
     error = json.dumps({"type": "ValueError", "message": "boom", "traceback": ""})
     outcome = Outcome(
         id=3,
-        attempt=1,
+        fence=1,
         status=status,
         output=output,
         exception=None if status == "completed" else error,

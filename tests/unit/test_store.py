@@ -21,7 +21,7 @@ def claim(store: TaskStore, worker: str = "w1", limit: int = 10, names=("job",))
 
 
 def completed(c, output=None) -> Outcome:
-    return Outcome(id=c.id, attempt=c.attempt, status="completed", output=output)
+    return Outcome(id=c.id, fence=c.fence, status="completed", output=output)
 
 
 def test_added_task_is_pending_with_its_input(store: TaskStore) -> None:
@@ -119,9 +119,10 @@ def test_stale_attempt_cannot_overwrite_a_newer_one(store: TaskStore, clock: Fak
     clock.advance(seconds=31)
     assert store.recover_expired() == [(old.id, "pending")]
     (new,) = claim(store, "w2")
-    assert new.attempt == old.attempt + 1
+    # A recovery: the lost attempt does not count, the claim has a new fence.
+    assert (new.attempt, new.fence) == (old.attempt, old.fence + 1)
     # The first worker comes back from a freeze and tries to write:
-    assert store.set_progress(old.id, old.attempt, 50) is False
+    assert store.set_progress(old.id, old.fence, 50) is False
     assert store.finish([completed(old, output='"stale"')]) == 0
     task = store.get(new.id)
     assert task is not None
@@ -136,19 +137,25 @@ def test_final_states_stay_final(store: TaskStore) -> None:
     store.add(NewTask(name="job"))
     (c,) = claim(store)
     store.finish([completed(c)])
-    assert store.finish([Outcome(id=c.id, attempt=c.attempt, status="failed")]) == 0
+    assert store.finish([Outcome(id=c.id, fence=c.fence, status="failed")]) == 0
     task = store.get(c.id)
     assert task is not None and task.status is TaskStatus.COMPLETED
 
 
-def test_expired_lease_without_attempts_left_fails_with_worker_lost(
+def test_expired_lease_without_recoveries_left_fails_with_worker_lost(
     store: TaskStore, clock: FakeClock
 ) -> None:
-    store.add(NewTask(name="job", max_attempts=1))
+    store.add(NewTask(name="job", max_attempts=3, max_recoveries=1))
+    (first,) = claim(store, "host:0:abc")
+    clock.advance(seconds=31)
+    # A lost worker's task runs again (a recovery; the attempt does not count)...
+    assert store.recover_expired() == [(first.id, "pending")]
     (c,) = claim(store, "host:1:abc")
+    assert (c.attempt, c.fence) == (1, 2)
     clock.advance(seconds=29)
     assert store.recover_expired() == []
     clock.advance(seconds=2)
+    # ...up to max_recoveries times, whatever attempts are left.
     assert store.recover_expired() == [(c.id, "failed")]
     task = store.get(c.id)
     assert task is not None
@@ -180,7 +187,7 @@ def test_renewal_reports_cancellation_requests(store: TaskStore) -> None:
 def test_progress_is_written_for_the_holding_attempt(store: TaskStore) -> None:
     store.add(NewTask(name="job"))
     (c,) = claim(store)
-    assert store.set_progress(c.id, c.attempt, 42) is True
+    assert store.set_progress(c.id, c.fence, 42) is True
     task = store.get(c.id)
     assert task is not None and task.progress_percentage == 42
 
@@ -203,9 +210,7 @@ def test_failed_attempt_with_retry_goes_back_to_pending_at_its_time(
     (c,) = claim(store)
     later = clock.now + timedelta(seconds=5)
     error = json.dumps({"type": "ValueError", "message": "boom", "traceback": "tb"})
-    store.finish(
-        [Outcome(id=c.id, attempt=c.attempt, status="pending", exception=error, run_at=later)]
-    )
+    store.finish([Outcome(id=c.id, fence=c.fence, status="pending", exception=error, run_at=later)])
     task = store.get(c.id)
     assert task is not None
     assert task.status is TaskStatus.PENDING
@@ -238,7 +243,7 @@ def test_cancel_finished_or_unknown_task_is_an_error(store: TaskStore) -> None:
 def test_retry_schedules_failed_task_again(store: TaskStore) -> None:
     store.add(NewTask(name="job"))
     (c,) = claim(store)
-    store.finish([Outcome(id=c.id, attempt=c.attempt, status="failed", exception='{"type": "E"}')])
+    store.finish([Outcome(id=c.id, fence=c.fence, status="failed", exception='{"type": "E"}')])
     store.retry(c.id)
     task = store.get(c.id)
     assert task is not None
@@ -423,7 +428,7 @@ def test_an_attempt_that_ends_after_a_cancellation_request_ends_cancelled(
     error = json.dumps({"type": "ValueError", "message": "boom"})
     outcomes = [
         completed(returned, output="42"),
-        Outcome(id=raised.id, attempt=raised.attempt, status="failed", exception=error),
+        Outcome(id=raised.id, fence=raised.fence, status="failed", exception=error),
         completed(other, output="7"),
     ]
 

@@ -27,33 +27,35 @@ def claim_one(store: TaskStore, worker: str = "w1") -> Claim:
 # --------------------------------------------------------------- release (state machine)
 
 
-def test_started_last_attempt_given_back_fails_instead_of_running_again(
+def test_started_attempt_given_back_without_recoveries_left_fails_instead_of_running_again(
     store: TaskStore,
 ) -> None:
     # Found by test_state_machine: schedule (max_attempts=1), claim, release(refund=False),
-    # claim again -> attempts 2 of max_attempts 1.
-    task_id = store.add(NewTask(name="job", max_attempts=1))
+    # claim again -> attempts 2 of max_attempts 1. Now recoveries are counted apart.
+    task_id = store.add(NewTask(name="job", max_attempts=1, max_recoveries=0))
     c = claim_one(store)
     assert store.release([c], refund=False) == 1
     task = store.get(task_id)
     assert task is not None
     assert task.status is TaskStatus.FAILED
-    assert task.attempts == 1 == task.max_attempts
+    assert task.attempts == 1 == task.max_attempts and task.recoveries == 0
     assert task.exception is not None and task.exception.type == "lilota.errors.WorkerLost"
     assert task.end_date_time is not None and task.lease_expires_at is None
     assert store.claim(worker_id="w2", names=["job"], limit=1, lease=LEASE) == []
 
 
-def test_started_attempt_given_back_with_attempts_left_is_pending_and_counted(
+def test_started_attempt_given_back_is_pending_and_counted_as_a_recovery(
     store: TaskStore,
 ) -> None:
-    task_id = store.add(NewTask(name="job", max_attempts=2))
+    task_id = store.add(NewTask(name="job", max_attempts=1))
     c = claim_one(store)
     assert store.release([c], refund=False) == 1
     task = store.get(task_id)
     assert task is not None
-    assert task.status is TaskStatus.PENDING and task.attempts == 1
-    assert claim_one(store, "w2").attempt == 2
+    assert task.status is TaskStatus.PENDING
+    assert (task.attempts, task.recoveries) == (0, 1)
+    again = claim_one(store, "w2")
+    assert (again.attempt, again.fence) == (1, 2)
 
 
 def test_started_attempt_given_back_after_a_cancel_request_ends_cancelled(
@@ -81,7 +83,7 @@ def test_unstarted_last_attempt_given_back_is_refunded(store: TaskStore) -> None
 def test_release_by_an_attempt_that_no_longer_holds_the_task_changes_nothing(
     store: TaskStore, clock: FakeClock
 ) -> None:
-    task_id = store.add(NewTask(name="job", max_attempts=1))
+    task_id = store.add(NewTask(name="job", max_attempts=1, max_recoveries=0))
     old = claim_one(store)
     clock.advance(seconds=31)
     assert store.recover_expired() == [(task_id, "failed")]
@@ -94,27 +96,49 @@ def test_release_by_an_attempt_that_no_longer_holds_the_task_changes_nothing(
 # --------------------------------------------------------------- fencing (state machine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole: retry() restarts attempts at 0 and writes are fenced by attempt "
-    "number only, so attempt 1 of the earlier run passes the fence of attempt 1 of the new "
-    "run; needs a fence token that retry() does not reset (a column, carried in Claim and "
-    "Outcome)",
-)
 def test_stale_attempt_from_before_a_retry_cannot_write(store: TaskStore, clock: FakeClock) -> None:
-    task_id = store.add(NewTask(name="job", max_attempts=1))
+    # retry() starts attempts from 0 again; the fence goes on (issue 14 item 1).
+    task_id = store.add(NewTask(name="job", max_attempts=1, max_recoveries=0))
     stalled = claim_one(store, "w1")
     clock.advance(seconds=31)
     assert store.recover_expired() == [(task_id, "failed")]
     store.retry(task_id)
     current = claim_one(store, "w2")
     assert current.attempt == stalled.attempt == 1
-    assert store.set_progress(task_id, stalled.attempt, 50) is False
-    late = Outcome(id=task_id, attempt=stalled.attempt, status="completed", output='"late"')
+    assert current.fence == stalled.fence + 1
+    assert store.set_progress(task_id, stalled.fence, 50) is False
+    late = Outcome(id=task_id, fence=stalled.fence, status="completed", output='"late"')
     assert store.finish([late]) == 0
     task = store.get(task_id)
     assert task is not None
     assert task.status is TaskStatus.RUNNING and task.worker_id == "w2"
+
+
+def test_stale_attempt_from_before_a_recovery_cannot_write(
+    store: TaskStore, clock: FakeClock
+) -> None:
+    # A recovery gives the lost attempt back, so the next claim is attempt 1 again.
+    task_id = store.add(NewTask(name="job", max_attempts=1))
+    stalled = claim_one(store, "w1")
+    clock.advance(seconds=31)
+    assert store.recover_expired() == [(task_id, "pending")]
+    current = claim_one(store, "w2")
+    assert current.attempt == stalled.attempt == 1
+    assert store.set_progress(task_id, stalled.fence, 50) is False
+    late = Outcome(id=task_id, fence=stalled.fence, status="completed", output='"late"')
+    assert store.finish([late]) == 0
+    assert store.release([stalled], refund=True) == 0
+    assert store.finish([Outcome(id=task_id, fence=current.fence, status="completed")]) == 1
+
+
+def test_refunded_release_does_not_let_the_earlier_claim_write(store: TaskStore) -> None:
+    task_id = store.add(NewTask(name="job"))
+    first = claim_one(store, "w1")
+    assert store.release([first], refund=True) == 1
+    second = claim_one(store, "w2")
+    assert second.attempt == first.attempt and second.fence == first.fence + 1
+    assert store.finish([Outcome(id=task_id, fence=first.fence, status="completed")]) == 0
+    assert store.finish([Outcome(id=task_id, fence=second.fence, status="completed")]) == 1
 
 
 # --------------------------------------------------------------- text (round trip)
@@ -179,9 +203,9 @@ def test_a_retry_of_a_task_cancelled_while_it_ran_ends_cancelled_with_its_progre
     # left): the retry reset progress to 0 before the store turned it into cancelled.
     task_id = store.add(NewTask(name="job", max_attempts=3))
     claim = claim_one(store)
-    assert store.set_progress(task_id, claim.attempt, 40)
+    assert store.set_progress(task_id, claim.fence, 40)
     assert store.cancel(task_id) == TaskStatus.RUNNING
-    retry = Outcome(id=task_id, attempt=claim.attempt, status="pending", run_at=clock.now + LEASE)
+    retry = Outcome(id=task_id, fence=claim.fence, status="pending", run_at=clock.now + LEASE)
 
     assert store.finish([retry]) == 1
 

@@ -360,7 +360,7 @@ def test_wait_for_fails_with_status_progress_attempts_and_exception(
     # A worker that stands still in attempt 2 at 40 %, after attempt 1 failed.
     store = lilota_inline.store
     [claim] = store.claim(worker_id="stuck", names=["flaky"], limit=1, lease=timedelta(minutes=5))
-    assert store.set_progress(claim.id, claim.attempt, 40)
+    assert store.set_progress(claim.id, claim.fence, 40)
 
     with pytest.raises(pytest.fail.Exception) as failure:
         wait_for(lilota_inline, task_id, timeout=0.05)

@@ -2,9 +2,10 @@
 
 Each step of a task's life is written once, for every backend, with the named statements
 of a :class:`~lilota.dialects.Dialect` (chosen from the URL), which does what SQLite and
-PostgreSQL do their own way. Every write after a claim is fenced: it names the attempt it
-belongs to in its WHERE clause, so a worker whose lease expired and whose task was claimed
-again can never overwrite the newer attempt. Times are stored as naive UTC.
+PostgreSQL do their own way. Every write after a claim is fenced: it names the claim's
+fence (a count of the task's claims that never goes back, not even on retry) in its WHERE
+clause, so a worker whose lease expired and whose task was claimed again can never
+overwrite the newer attempt. Times are stored as naive UTC.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,104 +29,44 @@ from lilota.dialects import Dialect, dialect_for
 from lilota.dialects.transactions import transaction
 from lilota.dialects.urls import is_memory_sqlite, parse_url
 from lilota.dialects.urls import postgres_connect_args as postgres_connect_args
-from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import DatabaseError, TaskAlreadyFinished, TaskNotFound
 from lilota.listeners import Listener
-from lilota.models import FINAL_STATUSES, Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
+from lilota.models import Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
 from lilota.models import utcnow as utcnow
+from lilota.store import from1x, schema
+from lilota.store.schema import (
+    ACTIVE,
+    FINAL,
+    SCHEMA_VERSION,
+    schema_table,
+    task_table,
+    worker_table,
+)
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
 
 PENDING = TaskStatus.PENDING.value
 RUNNING = TaskStatus.RUNNING.value
 FAILED = TaskStatus.FAILED.value
 CANCELLED = TaskStatus.CANCELLED.value
-FINAL = tuple(s.value for s in FINAL_STATUSES)
-ACTIVE = (PENDING, RUNNING)
 
 # Ids are read and written in chunks of this many: far below every backend's limit on
 # bound parameters, and one round trip for any batch a worker or the dashboard has.
 ID_CHUNK = 500
 
-metadata = sa.MetaData()
-_id_type = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-task_table = sa.Table(
-    "lilota_task",
-    metadata,
-    sa.Column("id", _id_type, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False, server_default=PENDING),
-    sa.Column("pid", sa.Integer),
-    sa.Column("progress_percentage", sa.SmallInteger, nullable=False, server_default="0"),
-    sa.Column("start_date_time", sa.DateTime),
-    sa.Column("end_date_time", sa.DateTime),
-    sa.Column("input", sa.Text),
-    sa.Column("output", sa.Text),
-    sa.Column("exception", sa.Text),
-    sa.Column("description", sa.Text),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("run_at", sa.DateTime, nullable=False),
-    sa.Column("lease_expires_at", sa.DateTime),
-    sa.Column("worker_id", sa.String(120)),
-    sa.Column("unique_key", sa.String(255)),
-    sa.Column("schedule_key", sa.String(255)),
-    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
-)
 _t = task_table.c
-
-
-def _index(name: str, *columns: Any, where: Any = None, unique: bool = False) -> None:
-    # With ``where``: a partial index, on both backends.
-    sa.Index(name, *columns, unique=unique, postgresql_where=where, sqlite_where=where)
-
-
-# The runnable set: a partial index holds pending rows only, so claiming costs the same
-# with ten or ten million finished tasks in the table.
-_index("ix_lilota_task_runnable", _t.priority.desc(), _t.run_at, _t.id, where=_t.status == PENDING)
-_index("ix_lilota_task_leases", _t.lease_expires_at, where=_t.status == RUNNING)
-_index("ix_lilota_task_worker", _t.worker_id, where=_t.status == RUNNING)
-# Every change of status moves a row in each index whose key or condition it touches
-# (PostgreSQL: all of them, as such an update is never HOT). The indexes below hold only
-# the rows that can match their queries: keys that are set, ends of finished tasks. That
-# leaves 9 index entries to write per task run instead of 13.
-_active_key = sa.and_(_t.status.in_(ACTIVE), _t.unique_key.is_not(None))
-_index("uq_lilota_task_unique_key", _t.unique_key, unique=True, where=_active_key)
-_scheduled = _t.schedule_key.is_not(None)
-_index("uq_lilota_task_schedule_key", _t.schedule_key, unique=True, where=_scheduled)
-_index("ix_lilota_task_status_id", _t.status, _t.id)
-_index("ix_lilota_task_name_id", _t.name, _t.id)
-_index("ix_lilota_task_end", _t.end_date_time, where=_t.status.in_(FINAL))
-
-worker_table = sa.Table(
-    "lilota_worker",
-    metadata,
-    sa.Column("id", sa.String(120), primary_key=True),
-    sa.Column("hostname", sa.String(255), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("started_at", sa.DateTime, nullable=False),
-    sa.Column("heartbeat_at", sa.DateTime, nullable=False),
-    sa.Column("task_names", sa.Text, nullable=False),
-)
 _w = worker_table.c
 
-schema_table = sa.Table(
-    "lilota_schema",
-    metadata,
-    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("applied_at", sa.DateTime, nullable=False),
-)
+
+def _no_recovery(row: Any, message: str) -> str:
+    return f"{message}; it was recovered {row.recoveries} times already, its limit"
 
 
 def _lost(row: Any, message: str, retry_at: datetime | None) -> Outcome:
     """The outcome rules (lilota.execution) for an attempt whose worker is gone."""
     return execution.interrupted(
-        row.id, row.attempts, message, cancel_requested=row.cancel_requested, retry_at=retry_at
+        row.id, row.fence, message, cancel_requested=row.cancel_requested, retry_at=retry_at
     )
 
 
@@ -178,7 +120,8 @@ class TaskStore:
 
     def ensure_schema(self) -> None:
         """Create or check lilota's tables. Idempotent, and safe when processes race.
-        Raises :class:`SchemaVersionError` if the database was set up by a newer lilota."""
+        Raises :class:`SchemaVersionError` for a database it cannot use (see
+        :mod:`lilota.store.schema`)."""
         if self._schema_ready:
             return
         with self._schema_lock:
@@ -189,24 +132,19 @@ class TaskStore:
     @transaction()
     def _ensure_schema(self, conn: Connection) -> None:
         self.dialect.lock_schema(conn)
-        metadata.create_all(conn, checkfirst=True)
-        found = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
-        if found is None:
-            version = {"version": SCHEMA_VERSION, "applied_at": self.clock()}
-            conn.execute(schema_table.insert().values(version))
-        elif found > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"the database holds lilota schema version {found}, newer than this "
-                f"lilota understands ({SCHEMA_VERSION}); upgrade lilota"
-            )
+        schema.ensure(conn, self.clock())
+
+    @transaction()
+    def move_from_1x(self, conn: Connection) -> int:
+        """Move the tasks of a lilota 1.x database into lilota 2's tables, keeping the 1.x
+        tables renamed (:mod:`lilota.store.from1x`); returns how many tasks were moved."""
+        self.dialect.lock_schema(conn)
+        return from1x.move_from_1x(conn, self.clock())
 
     @transaction(read_only=True)
     def schema_version(self, conn: Connection) -> int | None:
         """The schema version recorded in the database, or None if there are no tables."""
-        if not sa.inspect(conn).has_table("lilota_schema"):
-            return None
-        version = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
-        return None if version is None else int(version)
+        return schema.version_of(conn)
 
     def add(self, task: NewTask) -> int:
         """Insert one pending task and wake idle workers; returns its id. With a
@@ -302,7 +240,7 @@ class TaskStore:
         # Where the claim statement did not raise max_attempts itself (PostgreSQL's does),
         # raise it here, in the same transaction.
         low = [
-            {"b_id": r.id, "b_attempt": r.attempts, "b_max": floors[r.name]}
+            {"b_id": r.id, "b_fence": r.fence, "b_max": floors[r.name]}
             for r in rows
             if floors.get(r.name, 1) > r.max_attempts
         ]
@@ -310,7 +248,14 @@ class TaskStore:
             conn.execute(self.sql["raise_max_attempts"], low)
         limits = [max(r.max_attempts, floors.get(r.name, 1)) for r in rows]
         return [
-            Claim(id=r.id, name=r.name, input=r.input, attempt=r.attempts, max_attempts=n)
+            Claim(
+                id=r.id,
+                name=r.name,
+                input=r.input,
+                attempt=r.attempts,
+                max_attempts=n,
+                fence=r.fence,
+            )
             for r, n in zip(rows, limits, strict=True)
         ]
 
@@ -340,7 +285,7 @@ class TaskStore:
             conn.execute(self.sql["cancel_retries"], {"ids": ids, "now": self.clock()})
 
     def finish(self, outcomes: Sequence[Outcome]) -> int:
-        """Record the end of attempts (fenced by attempt). Returns how many were recorded."""
+        """Record the end of attempts (fenced). Returns how many were recorded."""
         return self._finish(outcomes) if outcomes else 0
 
     @transaction()
@@ -349,9 +294,10 @@ class TaskStore:
         self._cancel_requested_retries(conn, outcomes)
         return written
 
-    def set_progress(self, task_id: int, attempt: int, percentage: int) -> bool:
-        """Record progress of a running attempt. False if the attempt no longer holds it."""
-        params = {"b_id": task_id, "b_attempt": attempt, "b_progress": percentage}
+    def set_progress(self, task_id: int, fence: int, percentage: int) -> bool:
+        """Record progress of a running attempt (``fence``: its claim's). False if the
+        attempt no longer holds the task."""
+        params = {"b_id": task_id, "b_fence": fence, "b_progress": percentage}
         return bool(self._write(self.sql["progress"], params))
 
     @transaction()
@@ -377,16 +323,16 @@ class TaskStore:
         return LeaseReport(held=frozenset(held), cancel_requested=frozenset(asked))
 
     def release(self, claims: Sequence[Claim], *, refund: bool) -> int:
-        """Give claimed tasks back (pending again). ``refund`` undoes the attempt count,
-        for tasks that never started. Without it the attempt counts, as when a worker is
-        lost: a task with no attempt left ends failed, one whose cancellation was requested
-        ends cancelled (as :meth:`recover_expired` would end them). Returns how many of
-        ``claims`` still held their task."""
+        """Give claimed tasks back (pending again); the attempt does not count. ``refund``:
+        they never started. Without it they did, and that counts as a recovery, as when a
+        worker is lost: a task recovered ``max_recoveries`` times already ends failed, one
+        whose cancellation was requested ends cancelled (as :meth:`recover_expired` would end
+        them). Returns how many of ``claims`` still held their task."""
         return self._release(claims, refund) if claims else 0
 
     @transaction()
     def _release(self, conn: Connection, claims: Sequence[Claim], refund: bool) -> int:
-        params = [{"b_id": c.id, "b_attempt": c.attempt, "b_refund": int(refund)} for c in claims]
+        params = [{"b_id": c.id, "b_fence": c.fence, "b_refund": int(refund)} for c in claims]
         count = int(conn.execute(self.sql["release"], params).rowcount)
         if not refund:
             count += self._end_interrupted(conn, claims)
@@ -394,23 +340,23 @@ class TaskStore:
         return count
 
     def _end_interrupted(self, conn: Connection, claims: Sequence[Claim]) -> int:
-        """End the claims the release left running: no attempt left, or cancel requested."""
-        held = {(c.id, c.attempt) for c in claims}
+        """End the claims the release left running: no recovery left, or cancel requested."""
+        held = {(c.id, c.fence) for c in claims}
         outcomes = []
         for r in conn.execute(self.sql["running"], {"ids": sorted({c.id for c in claims})}):
-            if (r.id, r.attempts) not in held:
+            if (r.id, r.fence) not in held:
                 continue
             stopped = f"worker {r.worker_id} stopped during attempt {r.attempts}"
-            last = f"{stopped}, the last of {r.max_attempts}"
-            outcome = _lost(r, stopped if r.cancel_requested else last, None)
+            outcome = _lost(r, stopped if r.cancel_requested else _no_recovery(r, stopped), None)
             log.warning("task %d: given back by a stopping worker; now %s", r.id, outcome.status)
             outcomes.append(outcome)
         return self._finish_rows(conn, outcomes) if outcomes else 0
 
     def recover_expired(self) -> list[tuple[int, str]]:
         """Take back running tasks whose lease expired (their worker is gone): each goes back
-        to pending if it has attempts left, else to failed with a ``WorkerLost`` exception,
-        or ends cancelled if that was requested. Safe to call from many processes at once:
+        to pending (a recovery: the attempt does not count) if it was recovered fewer than
+        ``max_recoveries`` times, else to failed with a ``WorkerLost`` exception, or ends
+        cancelled if that was requested. Safe to call from many processes at once:
         each row is changed by exactly one. Returns (task id, new status) pairs."""
         # Workers call this every few seconds: on SQLite, look before taking the write lock.
         look = self.dialect.writes_lock_database
@@ -428,17 +374,22 @@ class TaskStore:
         if not rows:
             return []
         noticed = now.isoformat(timespec="milliseconds")
-        outcomes = [
-            _lost(
-                r,
+        outcomes = []
+        for r in rows:
+            lost = (
                 f"worker {r.worker_id} stopped renewing its lease (expired "
                 f"{r.lease_expires_at.isoformat(timespec='milliseconds')} UTC, noticed "
-                f"{noticed} UTC) during attempt {r.attempts}",
-                now if r.attempts < r.max_attempts else None,
+                f"{noticed} UTC) during attempt {r.attempts}"
             )
-            for r in rows
-        ]
+            again = r.recoveries < r.max_recoveries
+            outcomes.append(
+                _lost(r, lost if again else _no_recovery(r, lost), now if again else None)
+            )
         self._finish_rows(conn, outcomes)
+        # A recovery gives the attempt back and is counted apart from attempts.
+        recovered = [{"b_id": o.id, "b_fence": o.fence} for o in outcomes if o.status == PENDING]
+        if recovered:
+            conn.execute(self.sql["count_recovery"], recovered)
         self.dialect.notify(conn)
         return [(o.id, o.status) for o in outcomes]
 
@@ -506,12 +457,24 @@ class TaskStore:
             query = query.where(_w.heartbeat_at >= self.clock() - seen_within)
         return [{**r._mapping, "task_names": json.loads(r.task_names)} for r in self._all(query)]
 
-    def get(self, task_id: int) -> Task | None:
-        """The task with ``task_id``, or None."""
+    def get(self, task_id: int | str | uuid.UUID) -> Task | None:
+        """The task with ``task_id``, or None. A UUID (or its text) finds a task moved over
+        from lilota 1.x by its 1.x id."""
+        if isinstance(task_id, (str, uuid.UUID)):
+            return self._get_legacy(task_id)
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             return None
         self.ensure_schema()
         rows = self._all(self.sql["get"], {"id": task_id})
+        return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
+
+    def _get_legacy(self, legacy_id: str | uuid.UUID) -> Task | None:
+        try:
+            key = str(uuid.UUID(str(legacy_id)))
+        except ValueError:
+            return None
+        self.ensure_schema()
+        rows = self._all(sa.select(task_table).where(_t.legacy_id == key))
         return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
 
     def get_many(self, task_ids: Iterable[int]) -> dict[int, Task]:
@@ -589,4 +552,5 @@ class TaskStore:
 
 
 __all__ = ["Claim", "LeaseReport", "Listener", "NewTask", "Outcome", "TaskStore", "parse_url"]
+__all__ += ["SCHEMA_VERSION", "schema_table", "task_table", "worker_table"]
 __all__ += ["is_memory_sqlite", "postgres_connect_args", "to_naive_utc", "utcnow"]
