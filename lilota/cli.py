@@ -329,6 +329,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     store = _open_store(args, need_schema=False)
+    if args.from_1x:
+        moved = store.move_from_1x()
+        say(
+            f"moved {moved} tasks of lilota 1.x into lilota's tables in {store.safe_url} "
+            f"(schema version {store.schema_version()}); the 1.x tables are kept as "
+            "lilota_1x_task, lilota_1x_node, lilota_1x_node_leader, lilota_1x_log"
+        )
+        return EXIT_OK
     before = store.schema_version()
     store.ensure_schema()
     after = store.schema_version()
@@ -516,8 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 30s, 15m, 12h, 7d, 2w",
     )
 
-    command(
+    p = command(
         "migrate", cmd_migrate, help="create or upgrade lilota's tables, print the schema version"
+    )
+    p.add_argument(
+        "--from-1x",
+        action="store_true",
+        help="move the tasks of a lilota 1.x database into lilota 2's tables (stop the 1.x "
+        "workers first; the 1.x tables are kept, renamed lilota_1x_*)",
     )
 
     p = command(

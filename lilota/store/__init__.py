@@ -143,7 +143,9 @@ class TaskStore:
 
     @transaction(read_only=True)
     def schema_version(self, conn: Connection) -> int | None:
-        """The schema version recorded in the database, or None if there are no tables."""
+        """The schema version recorded in the database, or None if there are no tables.
+        Raises :class:`SchemaVersionError` for tables lilota 2 cannot read (lilota 1.x's)."""
+        schema.check_layout(conn)
         return schema.version_of(conn)
 
     def add(self, task: NewTask) -> int:

@@ -78,21 +78,20 @@ def move_from_1x(conn: Connection, now: datetime) -> int:
             _rename(conn, inspector, table, table.replace("lilota_", "lilota_1x_", 1))
     schema.ensure(conn, now)
     old = sa.Table("lilota_1x_task", sa.MetaData(), autoload_with=conn)
-    rows = [_row(r._mapping, now) for r in conn.execute(sa.select(old).order_by(old.c.created_at))]
+    rows = [_row(r._mapping, now) for r in conn.execute(sa.select(old).order_by(old.c.run_at))]
     if rows:
         conn.execute(schema.task_table.insert(), rows)
     return len(rows)
 
 
 def _rename(conn: Connection, inspector: Any, table: str, new: str) -> None:
+    key = inspector.get_pk_constraint(table).get("name")
     conn.execute(sa.text(f"ALTER TABLE {table} RENAME TO {new}"))
-    if conn.dialect.name == "postgresql":
-        # PostgreSQL keeps the name of the primary key's index, which lilota 2's new
-        # lilota_task would need.
-        key = inspector.get_pk_constraint(table).get("name")
-        if key and key.startswith(table):
-            renamed = key.replace(table, new, 1)
-            conn.execute(sa.text(f'ALTER INDEX "{key}" RENAME TO "{renamed}"'))
+    # PostgreSQL keeps the name of the primary key's index, which lilota 2's new
+    # lilota_task would need.
+    if conn.dialect.name == "postgresql" and key and key.startswith(table):
+        renamed = key.replace(table, new, 1)
+        conn.execute(sa.text(f'ALTER INDEX "{key}" RENAME TO "{renamed}"'))
 
 
 def _json(value: Any) -> Any:
@@ -120,7 +119,7 @@ def _row(old: Any, now: datetime) -> dict[str, Any]:
         "attempts": 0 if again else int(old["attempts"] or 0),
         "max_attempts": max(1, int(old["max_attempts"] or 1)),
         "priority": 0,
-        "created_at": _naive(old["created_at"]) or now,
+        "created_at": _naive(old["run_at"]) or now,  # 1.x kept no creation time
         "run_at": _naive(old["run_at"]) or now,
         "cancel_requested": False,
     }
