@@ -301,7 +301,7 @@ def fill_finished(url: str, count: int, chunk: int = 20_000) -> None:
         ids = store.add_many(
             [NewTask(name="noop", input=json.dumps({"i": i})) for i in range(done, done + size)]
         )
-        store.finish([Outcome(id=i, attempt=0, status="completed") for i in ids])
+        store.finish([Outcome(id=i, fence=0, status="completed") for i in ids])
         done += size
     store.dispose()
 

@@ -133,10 +133,13 @@ class Lilota:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register a task function under ``name`` for this instance's workers.
 
-        Options: ``max_attempts`` (default 3: starts in all, whatever ended the earlier
-        ones, an exception, a timeout or a lost worker; 1 for a task that must not run
-        again), ``retry_delay`` (default 1 s before the first retry, doubled for each
-        next one, less up to 25 % jitter, at most 1 h), ``timeout`` (a timedelta or
+        Options: ``max_attempts`` (default 1: an exception or a timeout fails the task at
+        once; give more to retry it), ``retry_on`` (an exception class or a tuple: only
+        those are retried; default ``Exception``; ``raise NoRetry(...)`` fails at once),
+        ``retry_delay`` (default 1 s before the first retry, doubled for each next one,
+        less up to 25 % jitter, at most 1 h), ``max_recoveries`` (default 3: how many times
+        the task runs again after its worker was lost, apart from attempts; 0 for a task
+        that must never run twice), ``timeout`` (a timedelta or
         seconds; default none: the process running a task past it is replaced),
         ``schedule`` (``every(...)``/``crontab(...)``: a periodic task), ``cpu_bound``
         (run in a process pool of the worker, so that it blocks neither the worker's

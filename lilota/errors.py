@@ -102,5 +102,10 @@ class WorkerLost(LilotaError):
     """Stored as a task's exception when the worker that ran it stopped renewing its lease."""
 
 
+class NoRetry(LilotaError):
+    """Raise it from a task to fail it at once, whatever attempts it has left
+    (``raise NoRetry("the file is gone") from error``); it is recorded as the exception."""
+
+
 class TaskCancelled(LilotaError):
     """Raised inside a task by ``TaskProgress.raise_if_cancelled()``; ends the task as cancelled."""

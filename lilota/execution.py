@@ -68,11 +68,15 @@ def failed(
     claim: Claim, definition: TaskDefinition | None, error: BaseException, now: datetime
 ) -> Outcome:
     """The attempt raised ``error``: a retry at ``now`` + the retry delay while attempts
-    are left (and the error is worth retrying), else failed."""
+    are left and the error is worth retrying (the task's ``retry_on``, never
+    :class:`~lilota.errors.NoRetry` or an input that does not fit), else failed."""
     record = TaskError.from_exception(error).to_json()
     # An input that cannot be read or does not fit the model fails the same way each time.
-    retriable = isinstance(error, Exception) and not isinstance(
-        error, (SerializationError, InvalidInput)
+    retriable = (
+        definition is not None
+        and isinstance(error, Exception)
+        and not isinstance(error, (SerializationError, InvalidInput))
+        and definition.retry.retries(error)  # its retry_on, never NoRetry
     )
     limit = effective_max_attempts(definition, claim.max_attempts)
     if definition is not None and retriable and claim.attempt < limit:

@@ -14,12 +14,13 @@ from lilota import serialization
 from lilota.context import TaskContext
 from lilota.errors import (
     InvalidInput,
+    NoRetry,
     RegistrationError,
     TaskAlreadyRegistered,
     TaskNotRegistered,
     require_int,
 )
-from lilota.models import NewTask, TaskProgress
+from lilota.models import DEFAULT_MAX_RECOVERIES, NewTask, TaskProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,15 +32,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,200}$")
 # hammered while still retrying within a working day.
 MAX_RETRY_DELAY = timedelta(hours=1)
 
-# Attempts a task gets unless registered otherwise: 3 in all. A task must survive the loss
-# of its worker (a deploy that kills processes, the OOM killer, a lost machine) without
-# anyone noticing, and a worker that dies also loses the attempt of the few tasks it had
-# claimed but not started; one attempt would turn each of those into a failure. Three
-# also rides out a short outage of a service the task calls (retries after about 1 s and
-# 2 s), while a task that fails for good still ends failed within seconds. A task that must
-# never run again once it has started (not idempotent, see the README's "Guarantees") is
-# registered with max_attempts=1.
-DEFAULT_MAX_ATTEMPTS = 3
+# Attempts a task gets unless registered otherwise: 1. An exception fails the task at once
+# (as lilota 1.x and the seeds do): only the task knows whether running it again is safe
+# and useful, so it asks for retries (max_attempts=, retry_on=). A lost worker (killed,
+# its machine gone, its lease expired) is another thing: its task runs again whatever
+# this says, up to max_recoveries times (lilota.models.DEFAULT_MAX_RECOVERIES).
+DEFAULT_MAX_ATTEMPTS = 1
 
 # Longest unique_key: the width of its column (String(255) in lilota.store), checked here so
 # that every backend refuses a longer key alike (SQLite would store it, PostgreSQL not).
@@ -50,13 +48,20 @@ MAX_UNIQUE_KEY = 255
 class RetryPolicy:
     """How often and how soon a task that raised is tried again.
 
-    ``max_attempts`` counts every start of the task, whatever ended the earlier ones (an
-    exception or a lost worker). The n-th retry waits ``retry_delay * 2**(n-1)``, capped at
-    one hour, with up to 25 % random jitter so that many failing tasks do not retry in step.
+    ``max_attempts`` counts the attempts the task ended itself (by returning or raising);
+    an attempt whose worker was lost does not count (it is a recovery). Only exceptions
+    that are instances of ``retry_on`` are retried, never :class:`~lilota.errors.NoRetry`.
+    The n-th retry waits ``retry_delay * 2**(n-1)``, capped at one hour, with up to 25 %
+    random jitter so that many failing tasks do not retry in step.
     """
 
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     retry_delay: timedelta = timedelta(seconds=1)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether an attempt that raised ``error`` is worth another (attempts aside)."""
+        return isinstance(error, self.retry_on) and not isinstance(error, NoRetry)
 
     def delay_after(self, attempt: int, rand: Callable[[], float] = random.random) -> timedelta:
         """The wait before the attempt that follows failed attempt number ``attempt``."""
@@ -82,6 +87,7 @@ class TaskDefinition:
     is_async: bool = False
     schedule: Any = None  # a lilota.schedules.Schedule for periodic tasks
     cpu_bound: bool = False  # runs in a process pool of the worker (lilota.asynclane)
+    max_recoveries: int = DEFAULT_MAX_RECOVERIES  # runs again after a lost worker
 
     @property
     def runs_on_loop(self) -> bool:
@@ -190,6 +196,8 @@ class Registry:
         task_progress: type | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_delay: timedelta | float = timedelta(seconds=1),
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        max_recoveries: int = DEFAULT_MAX_RECOVERIES,
         timeout: timedelta | float | None = None,
         schedule: Any = None,
         cpu_bound: bool = False,
@@ -208,6 +216,8 @@ class Registry:
         if task_progress is not None and task_progress is not TaskProgress:
             raise RegistrationError(f"task_progress must be TaskProgress, got {task_progress!r}")
         require_int(max_attempts, "max_attempts", 1, RegistrationError)
+        require_int(max_recoveries, "max_recoveries", 0, RegistrationError)
+        retry_kinds = _exception_types(retry_on)
         delay = _as_timedelta(retry_delay, "retry_delay")
         assert delay is not None
         timeout_delta = _as_timedelta(timeout, "timeout")
@@ -249,7 +259,10 @@ class Registry:
                 input_param=input_param,
                 progress_param=progress_param,
                 context_param=context_param,
-                retry=RetryPolicy(max_attempts=max_attempts, retry_delay=delay),
+                retry=RetryPolicy(
+                    max_attempts=max_attempts, retry_delay=delay, retry_on=retry_kinds
+                ),
+                max_recoveries=max_recoveries,
                 timeout=timeout_delta,
                 is_async=inspect.iscoroutinefunction(f),
                 schedule=schedule,
@@ -368,10 +381,25 @@ def new_task(
         run_at=run_at,
         priority=priority,
         max_attempts=effective_max_attempts(definition) if max_attempts is None else max_attempts,
+        max_recoveries=DEFAULT_MAX_RECOVERIES if definition is None else definition.max_recoveries,
         description=description,
         unique_key=unique_key,
         schedule_key=schedule_key,
     )
+
+
+def _exception_types(retry_on: object) -> tuple[type[BaseException], ...]:
+    """``retry_on`` (an exception class or a tuple of them) as a tuple; RegistrationError
+    naming what is not one."""
+    kinds = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+    for kind in kinds:
+        if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            raise RegistrationError(
+                f"retry_on must be an exception class or a tuple of them, got {retry_on!r}"
+            )
+    if not kinds:
+        raise RegistrationError("retry_on must name at least one exception class, got ()")
+    return tuple(kinds)
 
 
 def _check_name(name: object, known_names: Collection[str] | None) -> None:

@@ -4,6 +4,7 @@ time), on every backend where the store is involved."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from datetime import timedelta
 
@@ -11,9 +12,21 @@ import pytest
 
 from conftest import FakeClock
 from lilota import Lilota, execution
-from lilota.errors import ConfigurationError, InvalidInput, SerializationError
-from lilota.models import TaskStatus
-from lilota.registry import DEFAULT_MAX_ATTEMPTS, MAX_RETRY_DELAY, Registry, RetryPolicy
+from lilota.errors import (
+    ConfigurationError,
+    InvalidInput,
+    NoRetry,
+    RegistrationError,
+    SerializationError,
+)
+from lilota.models import DEFAULT_MAX_RECOVERIES, TaskStatus
+from lilota.registry import (
+    DEFAULT_MAX_ATTEMPTS,
+    MAX_RETRY_DELAY,
+    Registry,
+    RetryPolicy,
+    new_task,
+)
 from lilota.settings import ENV_CANCEL_GRACE_SECONDS, ENV_LEASE_SECONDS, WorkerSettings
 from lilota.store import Claim, NewTask, Outcome, TaskStore
 
@@ -50,16 +63,68 @@ def test_backoff_is_capped_at_one_hour() -> None:
     assert policy.delay_after(40, rand=lambda: 0.0) == MAX_RETRY_DELAY
 
 
-def test_tasks_get_three_attempts_unless_registered_otherwise() -> None:
+def test_an_exception_fails_a_task_at_once_unless_it_asks_for_retries(clock: FakeClock) -> None:
     registry = Registry()
     registry.register("job", lambda: None)
-    assert DEFAULT_MAX_ATTEMPTS == 3
-    assert registry.get("job").retry.max_attempts == 3
+    assert DEFAULT_MAX_ATTEMPTS == 1
+    assert registry.get("job").retry.max_attempts == 1
+    claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=1, fence=1)
+    outcome = execution.failed(claim, registry.get("job"), ValueError("boom"), clock.now)
+    assert (outcome.status, outcome.run_at) == ("failed", None)
     lilota = Lilota("sqlite://", number_of_workers=0)
-    lilota.register("once", max_attempts=1)(lambda: None)
+    lilota.register("thrice", max_attempts=3)(lambda: None)
     lilota.register("default")(lambda: None)
-    assert lilota.store.get(lilota.schedule("default")).max_attempts == 3  # type: ignore[union-attr]
-    assert lilota.store.get(lilota.schedule("once")).max_attempts == 1  # type: ignore[union-attr]
+    assert lilota.store.get(lilota.schedule("default")).max_attempts == 1  # type: ignore[union-attr]
+    assert lilota.store.get(lilota.schedule("thrice")).max_attempts == 3  # type: ignore[union-attr]
+
+
+def test_only_the_exceptions_of_retry_on_are_retried(clock: FakeClock) -> None:
+    registry = Registry()
+    registry.register("job", lambda: None, max_attempts=3, retry_on=(ConnectionError, TimeoutError))
+    job = registry.get("job")
+    claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=3, fence=1)
+    assert (
+        execution.failed(claim, job, ConnectionResetError("reset"), clock.now).status == "pending"
+    )
+    assert execution.failed(claim, job, TimeoutError("slow"), clock.now).status == "pending"
+    assert execution.failed(claim, job, KeyError("k"), clock.now).status == "failed"
+
+
+def test_no_retry_fails_at_once_with_attempts_left(clock: FakeClock) -> None:
+    claim = Claim(id=7, name="job", input=None, attempt=1, max_attempts=3, fence=1)
+    outcome = execution.failed(claim, definition(), NoRetry("the file is gone"), clock.now)
+    assert outcome.status == "failed"
+    record = json.loads(outcome.exception or "")
+    assert (record["type"], record["message"]) == ("lilota.errors.NoRetry", "the file is gone")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry_on": 5}, "retry_on must be an exception class or a tuple of them, got 5"),
+        ({"retry_on": (ValueError, "x")}, "retry_on must be an exception class"),
+        ({"retry_on": ()}, "retry_on must name at least one exception class"),
+        ({"max_recoveries": -1}, "max_recoveries must be an int >= 0, got -1"),
+        ({"max_recoveries": 1.5}, "max_recoveries must be an int >= 0, got 1.5"),
+    ],
+)
+def test_bad_retry_options_are_refused_at_registration(
+    options: dict[str, object], message: str
+) -> None:
+    registry = Registry()
+    with pytest.raises(RegistrationError, match=re.escape(message)):
+        registry.register("job", lambda: None, **options)
+    assert registry.find("job") is None
+
+
+def test_a_task_carries_its_registered_recovery_limit(store: TaskStore) -> None:
+    registry = Registry()
+    registry.register("once", lambda: None, max_recoveries=0)
+    registry.register("default", lambda: None)
+    once = store.add(new_task("once", registry=registry))
+    default = store.add(new_task("default", registry=registry))
+    assert store.get(once).max_recoveries == 0  # type: ignore[union-attr]
+    assert store.get(default).max_recoveries == DEFAULT_MAX_RECOVERIES == 3  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------- failures
