@@ -41,6 +41,10 @@ RENEW_RETRY = 0.5
 
 # How often the keeper wakes to look at deadlines; renewals have their own interval.
 KEEPER_TICK = 0.1
+# How often a worker looks for pending tasks that no live worker runs (a grouped read of
+# the pending rows), to log them: a task scheduled under a name nobody registered (a typo,
+# a worker not deployed) would otherwise wait for ever without a sign.
+UNSERVED_EVERY = 300.0
 
 
 @dataclass(eq=False)
@@ -238,6 +242,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recover_after = 0.0  # monotonic: no recovery before (see _database_trouble)
+        self._unserved_logged: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lilota-lease-keeper", daemon=True)
@@ -255,6 +260,8 @@ class LeaseKeeper:
         recover_every = max(self.heartbeat, lease / 6)
         next_renew = 0.0
         next_recover = time.monotonic() + recover_every
+        # The first look after one lease: every worker that is starting too has announced.
+        next_unserved = time.monotonic() + lease
         wait = KEEPER_TICK
         while not self._stop.wait(wait):
             now = time.monotonic()
@@ -269,6 +276,9 @@ class LeaseKeeper:
             if now >= next_recover:
                 next_recover = now + recover_every
                 self.recover()
+            if now >= next_unserved:
+                next_unserved = now + UNSERVED_EVERY
+                self.warn_unserved()
             self.enforce_limits()
             # Wake for the next renewal on time, not up to a tick late: that renewal is
             # what passes a cancellation request on.
@@ -290,6 +300,26 @@ class LeaseKeeper:
         except DatabaseError as e:
             log.warning("could not look for lost tasks: %s", e)
             self._database_trouble()
+
+    def warn_unserved(self) -> None:
+        """Log the pending tasks no live worker runs (each name again only when its count
+        changed)."""
+        try:
+            unserved = self.store.unserved(execution.LIVE_WITHIN)
+        except DatabaseError as e:
+            log.debug("could not look for pending tasks no worker runs: %s", e)
+            return
+        for name, count in sorted(unserved.items()):
+            if self._unserved_logged.get(name) != count:
+                log.warning(
+                    "%d pending task%s named %r: no live worker registered %r; they wait "
+                    "until a worker that registers it starts (or cancel them)",
+                    count,
+                    "" if count == 1 else "s",
+                    name,
+                    name,
+                )
+        self._unserved_logged = unserved
 
     def renew(self) -> bool:
         """Renew the leases of what the ledger holds; False if the database could not

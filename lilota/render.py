@@ -388,6 +388,8 @@ def collect_stats(store: TaskStore, seen_within: timedelta) -> dict[str, Any]:
         "finished": finished,
         "workers_seen_within_seconds": seen_within.total_seconds(),
         "workers": workers,
+        # Pending tasks by name that none of those workers runs: they wait for ever.
+        "unserved": store.unserved(seen_within),
     }
 
 
@@ -409,6 +411,14 @@ def print_stats(stats: dict[str, Any], seen_within: timedelta) -> None:
     out.print(_finished_table(stats["finished"]))
 
     seen = describe_duration(seen_within)
+    for name, count in sorted(stats["unserved"].items()):
+        out.print(
+            _text(
+                f"warning: {count} pending task{'' if count == 1 else 's'} named {name!r}: "
+                f"no live worker registered {name!r} (none in the last {seen})",
+                "bold yellow",
+            )
+        )
     if not stats["workers"]:
         out.print(f"no live workers (none with a heartbeat in the last {seen})")
         return

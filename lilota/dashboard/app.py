@@ -315,11 +315,14 @@ class _Dashboard:
         if refused is not None:
             return refused
         workers = await self.db(self.store.workers, seen_within=WORKERS_SEEN_WITHIN)
+        unserved = await self.db(self.store.unserved, WORKERS_SEEN_WITHIN)
         now = self.store.clock()
         return JSON(
             {
                 "workers": [worker_view(w, now) for w in workers],
                 "task_names": sorted({n for w in workers for n in w["task_names"]}),
+                # pending tasks by name that no live worker runs
+                "unserved": dict(sorted(unserved.items())),
             }
         )
 

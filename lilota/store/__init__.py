@@ -546,6 +546,13 @@ class TaskStore:
             result.setdefault(name, {s.value: 0 for s in TaskStatus})[status] = int(count)
         return result
 
+    def unserved(self, seen_within: timedelta) -> dict[str, int]:
+        """Pending tasks, counted by name, of the names no worker with a heartbeat within
+        ``seen_within`` announced: no live worker will ever run them as things are."""
+        served = {n for w in self.workers(seen_within=seen_within) for n in w["task_names"]}
+        query = sa.select(_t.name, sa.func.count()).where(_t.status == PENDING).group_by(_t.name)
+        return {name: int(n) for name, n in self._all(query) if name not in served}
+
     def finished_since(self, since: datetime) -> int:
         """How many tasks reached a final state since ``since``."""
         self.ensure_schema()

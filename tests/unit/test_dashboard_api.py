@@ -215,9 +215,11 @@ def test_long_inputs_are_cut_in_the_list_but_whole_in_the_detail(store: TaskStor
 
 def test_workers_and_their_task_names_are_listed(store: TaskStore) -> None:
     store.register_worker("host-1-w", ["resize", "email"])
+    add(store)  # a pending "job": no worker runs it
     body = client(store).get("/api/workers").json()
     assert [w["id"] for w in body["workers"]] == ["host-1-w"]
     assert body["task_names"] == ["email", "resize"]
+    assert body["unserved"] == {"job": 1}
 
 
 # ---------------------------------------------------------------------- actions, CSRF

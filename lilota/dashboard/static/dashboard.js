@@ -300,6 +300,11 @@
         const box = $("workers");
         setText(box, n === 1 ? "1 worker" : n + " workers");
         box.title = data.workers.map((w) => w.hostname + " pid " + w.pid + ": " + w.task_names.join(", ")).join("\n");
+        // Pending tasks no live worker runs wait for ever: say so next to the workers.
+        const unserved = Object.entries(data.unserved || {});
+        const warn = $("unserved");
+        setText(warn, unserved.length ? unserved.map(([name, n]) => n + " pending " + name + ": no worker runs it").join("; ") : "");
+        warn.hidden = unserved.length === 0;
         const list = $("task-names");
         const names = data.task_names;
         if (list.children.length !== names.length || names.some((n, i) => list.children[i].value !== n)) {
