@@ -37,14 +37,19 @@ class Listener:
     # Longest uninterrupted block inside wait(): how quickly wake() takes effect.
     _SLICE = 0.25
 
-    def __init__(self) -> None:
+    def __init__(self, *, poll: float | None = None) -> None:
         self._woken = threading.Event()
+        # Without a sign of new tasks (behind a transaction pooler, say), ``wait`` returns
+        # after at most ``poll`` seconds, so that the caller looks again.
+        self._poll = poll
 
     def wake(self) -> None:
         self._woken.set()
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True if woken by a sign of new tasks."""
+        if self._poll is not None and timeout > self._poll:
+            timeout = self._poll
         deadline = time.monotonic() + timeout
         while not self._woken.is_set():
             left = deadline - time.monotonic()

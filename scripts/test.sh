@@ -34,6 +34,12 @@ if [ -z "${LILOTA_TEST_POSTGRES_URL:-}" ] && ! command -v initdb >/dev/null \
     apt_install postgresql || echo "could not install PostgreSQL; PostgreSQL tests will need LILOTA_TEST_POSTGRES_URL" >&2
 fi
 
+# PgBouncer for the tests of lilota behind a transaction pooler.
+if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+    log "installing PgBouncer"
+    apt_install pgbouncer || echo "could not install pgbouncer; its tests will report it" >&2
+fi
+
 # Headless Chromium for the dashboard's browser tests.
 if [ -f tests/e2e/requirements.txt ] || [ -d tests/e2e ]; then
     if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.engine.url import URL
 from sqlalchemy.pool import StaticPool
 
-from lilota.dialects.urls import is_memory_sqlite, postgres_connect_args
+from lilota.dialects.urls import is_memory_sqlite, lilota_options, postgres_connect_args
 from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
@@ -371,9 +371,23 @@ class PostgresDialect(Dialect):
     """PostgreSQL: ``FOR UPDATE SKIP LOCKED`` claims by hand, batches as one statement over
     arrays (``unnest``), a ``NOTIFY`` workers ``LISTEN`` for, single statements autocommit."""
 
+    # Behind a transaction pooler with no direct connection, idle workers hear no NOTIFY
+    # and look for new tasks this often instead.
+    POOLED_POLL = 1.0
+
     def __init__(self, url: URL, table: sa.Table, *, pool_size: int) -> None:
+        # lilota_pooler / lilota_direct (dialects.urls) are lilota's, not the driver's.
+        self.server_url, self.pooler, self.direct_url = lilota_options(url)
         super().__init__(url, table, pool_size=pool_size)  # autocommit: 1 round trip, not 3
         self.single_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def connect_args(self, url: URL) -> dict[str, Any]:
+        args = postgres_connect_args(url)
+        if self.pooler == "transaction":
+            # The next statement may run on another server connection: psycopg must not
+            # prepare statements on the server (PgBouncer < 1.21 cannot follow them).
+            args["prepare_threshold"] = None
+        return args
 
     def catalogue(self, t: sa.Table) -> dict[str, Any]:
         notify = sa.func.pg_notify(NOTIFY_CHANNEL, "")
@@ -448,21 +462,27 @@ class PostgresDialect(Dialect):
 
     def create_engine(self, pool_size: int) -> Engine:
         return sa.create_engine(
-            self.url,
+            self.server_url,
             pool_size=pool_size,
             max_overflow=10,
             # Server-side idle timeouts and failovers close connections; recycling bounds
             # how stale a pooled one can be. Disconnects that still happen are retried by
             # the store's transactions, which is cheaper than a ping before every checkout.
             pool_recycle=1800,
-            connect_args=postgres_connect_args(self.url),
+            connect_args=self.connect_args(self.server_url),
         )
 
     def listener(self) -> Listener:
-        url = self.url.set(drivername="postgresql")
+        """LISTEN on the server (through ``lilota_direct`` when given); behind a
+        transaction pooler without one, poll every :attr:`POOLED_POLL` seconds (a LISTEN
+        there would be on whichever server connection the pooler lent)."""
+        if self.pooler == "transaction" and self.direct_url is None:
+            return Listener(poll=self.POOLED_POLL)
+        server = self.direct_url or self.server_url
+        url = server.set(drivername="postgresql")
         return PostgresListener(
             url.render_as_string(hide_password=False),
-            self.url.render_as_string(hide_password=True),
+            server.render_as_string(hide_password=True),
             postgres_connect_args(url),
         )
 

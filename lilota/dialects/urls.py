@@ -19,6 +19,34 @@ POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# lilota's own options in a PostgreSQL URL's query (removed before the driver sees it):
+# ``lilota_pooler=transaction``: the URL points at a pooler in transaction mode (PgBouncer),
+# so no session state may be relied on (no server-side prepared statements, no startup
+# ``options``, no LISTEN through it); ``lilota_direct=host:port``: where idle workers
+# LISTEN instead, on a direct connection to the server (same user, password, database).
+POOLER_OPTION, DIRECT_OPTION = "lilota_pooler", "lilota_direct"
+POOLER_MODES = ("transaction", "session")
+
+
+def lilota_options(url: URL) -> tuple[URL, str | None, URL | None]:
+    """``url`` without lilota's query options, the pooler mode, and the direct URL."""
+    query = dict(url.query)
+    pooler, direct = query.pop(POOLER_OPTION, None), query.pop(DIRECT_OPTION, None)
+    if isinstance(pooler, tuple) or isinstance(direct, tuple):
+        raise ConfigurationError(f"{POOLER_OPTION} and {DIRECT_OPTION} may be given once each")
+    if pooler is not None and pooler not in POOLER_MODES:
+        raise ConfigurationError(
+            f"{POOLER_OPTION}={pooler!r}: expected one of {', '.join(POOLER_MODES)}"
+        )
+    stripped = url.set(query=query)
+    if direct is None:
+        return stripped, pooler, None
+    host, _, port = direct.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{DIRECT_OPTION}={direct!r}: expected host:port")
+    return stripped, pooler, stripped.set(host=host.strip("[]"), port=int(port))
+
+
 def parse_url(db_url: object) -> URL:
     """``db_url`` validated, with lilota's driver defaults (``postgresql://`` means psycopg
     3, ``postgresql+psycopg://``). Raises :class:`ConfigurationError` naming the problem."""
@@ -40,6 +68,10 @@ def parse_url(db_url: object) -> URL:
         parent = os.path.dirname(os.path.abspath(database))
         if not os.path.isdir(parent):
             raise ConfigurationError(f"db_url {shown!r}: the directory {parent!r} does not exist")
+    if url.get_backend_name() == "postgresql":
+        lilota_options(url)  # ConfigurationError for a bad lilota_pooler / lilota_direct
+    elif POOLER_OPTION in url.query or DIRECT_OPTION in url.query:
+        raise ConfigurationError(f"db_url {shown!r}: {POOLER_OPTION} is for PostgreSQL URLs")
     try:
         url.get_dialect()
     except exc.NoSuchModuleError as e:
