@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import execution, serialization
+from lilota import errors, execution, serialization
 from lilota.dialects import Dialect, dialect_for
 from lilota.dialects.transactions import transaction
 from lilota.dialects.urls import is_memory_sqlite, parse_url
@@ -162,6 +162,10 @@ class TaskStore:
         """Something an idle worker can wait on until tasks may have arrived."""
         return self.dialect.listener()
 
+    def check_file(self) -> None:
+        """Raise ``DatabaseReplaced`` if the SQLite file opened was deleted or replaced."""
+        self.dialect.check_file()
+
     @transaction()
     def _run(self, conn: Connection, fn: Callable[[Connection], Any]) -> Any:
         """``fn(conn)`` as one transaction (for tests and one-off maintenance)."""
@@ -183,7 +187,11 @@ class TaskStore:
             return
         with self._schema_lock:
             if not self._schema_ready:
-                self._ensure_schema()
+                if not self.dialect.read_only:
+                    self._ensure_schema()
+                elif self.schema_version() is None:  # a file this process may only read
+                    db = os.path.abspath(self.url.database or "")
+                    raise errors.DatabaseReadOnly(f"{db} is read-only; no lilota tables", path=db)
                 self._schema_ready = True
 
     @transaction()
