@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import exc
 
+from lilota import Lilota
 from lilota.dialects.sqlitefile import permanent_error
 from lilota.errors import (
     DatabaseCorrupt,
@@ -112,8 +113,10 @@ def _made_read_only(directory: Path, *, directory_writable: bool) -> tuple[Path,
 def _read_and_write(path: Path, task_id: int, sleeps: list[float]) -> Callable[[], dict[str, Any]]:
     def check() -> dict[str, Any]:
         store = TaskStore(f"sqlite:///{path}")
+        app = Lilota(f"sqlite:///{path}", number_of_workers=0)
         return {
             "read_only": store.dialect.read_only,
+            "get_task_by_id": _outcome(lambda: app.get_task_by_id(task_id).input),  # type: ignore[union-attr]
             "get": _outcome(lambda: store.get(task_id).input),  # type: ignore[union-attr]
             "list": _outcome(lambda: [t.id for t in store.list_tasks()]),
             "counts": _outcome(lambda: store.count_by_status()["pending"]),
@@ -134,7 +137,7 @@ def test_a_read_only_file_is_read_and_refuses_writes_at_once(
     result = _as_reader(_read_and_write(path, task_id, sleeps))
 
     assert result["read_only"] is True
-    assert result["get"] == "ok {'n': 1}"
+    assert result["get"] == result["get_task_by_id"] == "ok {'n': 1}"
     assert result["list"] == f"ok [{task_id}]"
     assert result["counts"] == "ok 1"
     for write in ("add", "cancel"):
