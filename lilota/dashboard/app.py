@@ -481,15 +481,13 @@ def serve(
         token = os.environ.get(ENV_TOKEN) or None
     loopback = is_loopback(host)
     if not loopback and token is None:
-        exposed = (
-            f"the dashboard would listen on {host} without a token: anyone who can reach it "
-            "could read every task's input and output and cancel tasks"
-        )
+        exposed = "anyone who can reach it can read every task's input and output and cancel tasks"
         if not insecure:
             raise ConfigurationError(
-                f"{exposed}; pass --token (or set {ENV_TOKEN}), or --insecure to serve it so"
+                f"refusing to serve the dashboard on {host} without a token: {exposed}; pass "
+                f"--token (or set {ENV_TOKEN}), or --insecure to serve it anyway"
             )
-        log.warning("%s (--insecure); pass --token or set %s", exposed, ENV_TOKEN)
+        log.warning("the dashboard listens on %s without a token (--insecure): %s", host, exposed)
     if store is None:
         store = _store_for(db_url)
     app = create_app(

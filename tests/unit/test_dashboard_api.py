@@ -784,7 +784,7 @@ def test_serve_refuses_a_non_loopback_address_without_a_token(
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served"))
     with pytest.raises(ConfigurationError) as refused:
         dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}", host="0.0.0.0")
-    assert "would listen on 0.0.0.0 without a token" in str(refused.value)
+    assert "refusing to serve the dashboard on 0.0.0.0 without a token" in str(refused.value)
     assert "--token" in str(refused.value) and "--insecure" in str(refused.value)
 
 
@@ -801,7 +801,7 @@ def test_serve_with_insecure_serves_any_host_and_warns(
     dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}", host="0.0.0.0", insecure=True)
 
     assert seen["host"] == "0.0.0.0"
-    assert "without a token" in caplog.text and "--insecure" in caplog.text
+    assert "listens on 0.0.0.0 without a token (--insecure)" in caplog.text
     c = TestClient(seen["app"])
     assert c.get("/api/tasks", headers={"Host": "tasks.example:8000"}).status_code == 200
 
