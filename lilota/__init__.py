@@ -7,7 +7,12 @@ from lilota.context import TaskContext
 from lilota.core import Lilota
 from lilota.errors import (
     ConfigurationError,
+    DatabaseCorrupt,
     DatabaseError,
+    DatabaseFileError,
+    DatabaseReadOnly,
+    DatabaseReplaced,
+    DatabaseSchemaMismatch,
     DatabaseUnavailable,
     InvalidInput,
     LilotaError,
@@ -34,7 +39,12 @@ __version__ = "2.0.0.dev0"
 
 __all__ = [
     "ConfigurationError",
+    "DatabaseCorrupt",
     "DatabaseError",
+    "DatabaseFileError",
+    "DatabaseReadOnly",
+    "DatabaseReplaced",
+    "DatabaseSchemaMismatch",
     "DatabaseUnavailable",
     "InvalidInput",
     "Lilota",

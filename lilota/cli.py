@@ -357,7 +357,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         store = _open_store(args)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         token = args.token or os.environ.get(ENV_TOKEN) or None
-        serve(store=store, host=args.host, port=args.port, token=token)
+        serve(store=store, host=args.host, port=args.port, token=token, insecure=args.insecure)
     except ImportError as e:  # the dashboard extra is not installed
         raise CommandError(str(e)) from e
     return EXIT_OK
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve the web dashboard until Ctrl-C: a live task list, task pages, cancel and "
             "retry. It listens on 127.0.0.1 (this machine only) unless --host says "
-            "otherwise; anywhere else, set --token."
+            "otherwise; anywhere else it needs --token (or --insecure)."
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -550,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=None,
         help="access token required to use the dashboard (default: $LILOTA_DASHBOARD_TOKEN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without a token (anyone who reaches it can act)",
     )
     return parser
 

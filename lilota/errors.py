@@ -28,6 +28,7 @@ class WorkerExit(enum.IntEnum):
     CANCEL_FORCED = 80  # a running task ignored its cancellation: replace at once
     PARENT_DIED = 81  # the process that started the worker is gone
     LEASE_LOST = 82  # another worker took over the running task (this one had stalled)
+    DATABASE_REPLACED = 83  # the SQLite file it opened was deleted or replaced: start afresh
 
 
 class LilotaError(Exception):
@@ -79,6 +80,32 @@ class DatabaseUnavailable(DatabaseError):
 
 class SchemaVersionError(DatabaseError):
     """The database holds lilota tables of a newer schema than this release understands."""
+
+
+class DatabaseFileError(DatabaseError):
+    """The SQLite database file cannot be used as it is, and trying again will not help
+    (its directory is gone, it cannot be opened): raised at once, never retried. The
+    message names the file and the cause; ``path`` is the file. Subclasses name the cause."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DatabaseReadOnly(DatabaseFileError):
+    """A write to a SQLite file this process may only read (reads of it work)."""
+
+
+class DatabaseCorrupt(DatabaseFileError):
+    """The SQLite file is not a database, or is damaged."""
+
+
+class DatabaseSchemaMismatch(DatabaseFileError):
+    """The SQLite file has a table of lilota's name without the columns lilota uses."""
+
+
+class DatabaseReplaced(DatabaseFileError):
+    """The SQLite file a worker opened was deleted or replaced by another file since."""
 
 
 class WorkerStartupError(LilotaError):

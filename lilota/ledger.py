@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from lilota import execution
-from lilota.errors import DatabaseError, WorkerExit
+from lilota.errors import DatabaseError, DatabaseReplaced, WorkerExit
 from lilota.models import TaskError
 
 if TYPE_CHECKING:
@@ -323,7 +323,17 @@ class LeaseKeeper:
 
     def renew(self) -> bool:
         """Renew the leases of what the ledger holds; False if the database could not
-        be reached."""
+        be reached. A SQLite file deleted or replaced under this process ends it first."""
+        try:
+            self.store.check_file()
+        except DatabaseReplaced as e:
+            log.critical(
+                "%s; ending this worker (tasks it ran on the old file are lost with it) so that "
+                "its supervisor starts one on the file now at that path",
+                e,
+            )
+            self._end_process(WorkerExit.DATABASE_REPLACED)
+            return False
         held = self.ledger.held_ids()
         try:
             report = self.store.renew_leases(self.worker_id, self.lease, task_ids=held)

@@ -7,11 +7,12 @@ the supervisor holds; when the supervisor's process dies for any reason the life
 reads end-of-file and the worker gives its tasks back and exits. No orphans.
 
 Policy for a dead worker (one rule, written down): a worker that exits on its own is
-started again. Exits for a task timeout, a forced cancellation or a lost lease are
-expected and restarted at once; any other exit counts as a crash and waits 0.5 s, 1 s,
-2 s ... up to 30 s before the next start, the count resetting once a worker has lived
-30 s. At ``start()``, a worker slot that crashes three times before it is ready makes
-``start()`` raise :class:`~lilota.errors.WorkerStartupError` with the end of its output.
+started again. Exits for a task timeout, a forced cancellation, a lost lease or a SQLite
+file deleted or replaced under it are expected and restarted at once; any other exit
+counts as a crash and waits 0.5 s, 1 s, 2 s ... up to 30 s before the next start, the
+count resetting once a worker has lived 30 s. At ``start()``, a worker slot that crashes
+three times before it is ready makes ``start()`` raise
+:class:`~lilota.errors.WorkerStartupError` with the end of its output.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 # start() gives up on a slot after this many crashes before it ever became ready.
 STARTUP_CRASHES = 3
+# Exits that are no crash: the worker asked to be replaced (see the policy above).
+_REPLACE_AT_ONCE = (
+    WorkerExit.TASK_TIMEOUT,
+    WorkerExit.CANCEL_FORCED,
+    WorkerExit.LEASE_LOST,
+    WorkerExit.DATABASE_REPLACED,
+)
 # Lines of a worker's stderr kept to explain why it died.
 STDERR_TAIL = 40
 
@@ -283,7 +291,7 @@ class Supervisor:
             if self._on_exit is not None:
                 self._on_exit(process.pid, code)
             lived = now - slot.started_at
-            if code in (WorkerExit.TASK_TIMEOUT, WorkerExit.CANCEL_FORCED, WorkerExit.LEASE_LOST):
+            if code in _REPLACE_AT_ONCE:
                 log.info(
                     "worker pid %d replaced after %s", process.pid, WorkerExit(code).name.lower()
                 )

@@ -153,6 +153,8 @@ class WorkerLoop:
     def abandon(self, exit_code: WorkerExit) -> None:
         """Give every held task back, record what is done, and end the process now."""
         unrecorded, queued, running = self.ledger.take_all()
+        if exit_code == WorkerExit.DATABASE_REPLACED:  # their rows went with the old file
+            os._exit(exit_code)
         try:
             self.store.finish(unrecorded)
             self.store.release(queued, refund=True)

@@ -1,4 +1,4 @@
-"""``python -m lilota.dashboard [--db-url URL] [--host H] [--port P] [--token T]``."""
+"""``python -m lilota.dashboard [--db-url URL] [--host H] [--port P] [--token T] [--insecure]``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=None,
         help="access token required to use the dashboard (default: $LILOTA_DASHBOARD_TOKEN)",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without a token (anyone who reaches it can act)",
+    )
     return parser
 
 
@@ -49,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             token=args.token,
+            insecure=args.insecure,
         )
     except LilotaError as e:
         print(f"lilota dashboard: {e}", file=sys.stderr)

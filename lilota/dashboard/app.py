@@ -39,6 +39,7 @@ from lilota.dashboard.security import (
     Security,
     SecurityHeaders,
     base_path,
+    client_key,
     csrf_token,
     is_loopback,
     set_cookie,
@@ -190,12 +191,31 @@ class _Dashboard:
         return await run_in_threadpool(fn, *args, **kwargs)
 
     def guard_api(self, request: Request) -> Response | None:
-        """A 401 response unless the request is authenticated."""
-        if not self.security.authenticated(request):
-            response = error(401, "authentication required: log in or send a bearer token")
-            response.headers["www-authenticate"] = 'Bearer realm="lilota"'
-            return response
-        return None
+        """A 401 response unless the request is authenticated; 429 for a bearer token
+        from a client that sent too many wrong ones (see :meth:`throttled`)."""
+        bearer = self.security.sends_bearer(request)
+        refused = self.throttled(request) if bearer else None
+        if refused is None and not self.security.authenticated(request):
+            if bearer:
+                self.wrong_token(request, "bearer token")
+            refused = error(401, "authentication required: log in or send a bearer token")
+            refused.headers["www-authenticate"] = 'Bearer realm="lilota"'
+        return refused
+
+    def throttled(self, request: Request) -> Response | None:
+        """A 429 response, with ``Retry-After``, if this client must wait before trying a
+        token again (whether the token is right or not: it is not looked at)."""
+        wait = self.security.throttle.retry_after(client_key(_client_host(request)))
+        if wait is None:
+            return None
+        response = error(429, f"too many wrong tokens from this address; try again in {wait} s")
+        response.headers["retry-after"] = str(wait)
+        return response
+
+    def wrong_token(self, request: Request, how: str) -> None:
+        host = _client_host(request)
+        count = self.security.throttle.failed(client_key(host))
+        log.warning("dashboard: wrong %s from %s (%d in a row)", how, host, count)
 
     def guard_post(self, request: Request, sent_csrf: str | None) -> Response | None:
         """A 403 response for a cross-site POST, or one without the right CSRF token."""
@@ -248,14 +268,22 @@ class _Dashboard:
         refused = self.guard_post(request, form.get("csrf"))
         if refused is not None:
             return refused
+        throttled = self.throttled(request)
+        if throttled is not None:
+            wait = throttled.headers["retry-after"]
+            message = f"Too many wrong tokens: try again in {wait} s."
+            response = self.render(request, self.login_template, error=message)
+            response.status_code, response.headers["retry-after"] = 429, wait
+            return response
         if not self.security.token_matches(form.get("token", "").strip()):
-            log.warning("dashboard: failed login from %s", request.client and request.client.host)
+            self.wrong_token(request, "token at login")
             response = self.render(request, self.login_template, error="Wrong token.")
             response.status_code = 401
             return response
+        self.security.throttle.succeeded(client_key(_client_host(request)))
         response = RedirectResponse(base_path(request), status_code=303)
-        assert self.security.auth_cookie is not None
-        set_cookie(request, response, AUTH_COOKIE, self.security.auth_cookie)
+        assert self.security.sessions is not None
+        set_cookie(request, response, AUTH_COOKIE, self.security.sessions.new())
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -263,6 +291,8 @@ class _Dashboard:
         refused = self.guard_post(request, request.headers.get(CSRF_HEADER) or form.get("csrf"))
         if refused is not None:
             return refused
+        if self.security.sessions is not None:  # a copy of the cookie stops working too
+            self.security.sessions.revoke(request.cookies.get(AUTH_COOKIE, ""))
         response = RedirectResponse(base_path(request) + "login", status_code=303)
         response.delete_cookie(AUTH_COOKIE, path=base_path(request))
         return response
@@ -354,6 +384,10 @@ class _Dashboard:
         return JSON({"ok": True, "task": None if task is None else task_detail(task)})
 
 
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client is not None else None
+
+
 def _to_login(request: Request) -> Response:
     return RedirectResponse(base_path(request) + "login", status_code=303)
 
@@ -429,12 +463,15 @@ def serve(
     port: int = 8000,
     token: str | None = None,
     log_level: str = "info",
+    insecure: bool = False,
 ) -> None:
     """Run the dashboard with uvicorn until interrupted (what ``lilota dashboard`` does).
 
     Bound to a loopback address (the default), only loopback Host names are accepted.
-    A SQLite ``db_url`` must name an existing file: a mistyped path is an error here,
-    not a new empty database.
+    Any other address needs a token: without one, :class:`ConfigurationError` unless
+    ``insecure`` (``--insecure``), which serves it to anyone who can reach it, with a
+    warning. A SQLite ``db_url`` must name an existing file: a mistyped path is an error
+    here, not a new empty database.
     """
     try:
         import uvicorn
@@ -443,18 +480,19 @@ def serve(
             "serving the lilota dashboard needs uvicorn: pip install 'lilota[dashboard]'"
         ) from e
 
-    if store is None:
-        store = _store_for(db_url)
     if token is None:
         token = os.environ.get(ENV_TOKEN) or None
     loopback = is_loopback(host)
     if not loopback and token is None:
-        log.warning(
-            "the dashboard listens on %s without a token: anyone who can reach it can see "
-            "task inputs and outputs and cancel tasks; pass --token or set %s",
-            host,
-            ENV_TOKEN,
-        )
+        exposed = "anyone who can reach it can read every task's input and output and cancel tasks"
+        if not insecure:
+            raise ConfigurationError(
+                f"refusing to serve the dashboard on {host} without a token: {exposed}; pass "
+                f"--token (or set {ENV_TOKEN}), or --insecure to serve it anyway"
+            )
+        log.warning("the dashboard listens on %s without a token (--insecure): %s", host, exposed)
+    if store is None:
+        store = _store_for(db_url)
     app = create_app(
         store=store, token=token, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None
     )

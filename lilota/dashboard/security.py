@@ -12,18 +12,28 @@
   CSRF token (browsers never add that header on their own), but the origin checks still apply.
 * With a token (``token=`` or ``LILOTA_DASHBOARD_TOKEN``) every page and endpoint but the
   login form and static files requires it: as a bearer header, or through the login form,
-  which sets an HttpOnly cookie holding an HMAC of the token (never the token itself).
+  which starts a session (:class:`Sessions`): an HttpOnly cookie naming a random session
+  id and its expiry, signed with a key derived from the token (never the token itself).
+  Logout revokes that session id, so a copy of the cookie stops working too.
+* Wrong tokens (login form or bearer header) are throttled per client address
+  (:class:`LoginThrottle`): a few are free, then the address is refused with 429 and
+  ``Retry-After`` for a time that doubles with each further wrong token.
 * ``allowed_hosts`` limits the ``Host`` header (against DNS rebinding); ``serve()`` sets it to
-  the loopback names when it binds to a loopback address, which it does by default.
+  the loopback names when it binds to a loopback address, which it does by default, and
+  refuses any other address without a token unless told ``insecure=True``.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -36,6 +46,23 @@ CSRF_COOKIE = "lilota_csrf"
 AUTH_COOKIE = "lilota_auth"
 CSRF_HEADER = "x-csrf-token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# A login session lasts this long. Logout revokes a session in the process that served it;
+# where several processes serve the dashboard, the others learn nothing of it, so a copied
+# cookie is refused there only once it expires: a working day, not for ever.
+SESSION_LIFETIME = 12 * 3600.0
+
+# Wrong tokens from one client address: the first FREE_FAILURES - 1 are free (typing
+# mistakes); after the next, and each one after it, the address is refused for a time
+# doubling from THROTTLE_FIRST up to THROTTLE_MAX seconds: a person who mistyped waits
+# seconds, a guesser gets a few hundred tries a day instead of hundreds a second. A count is forgotten after THROTTLE_FORGET
+# seconds without a wrong token, and at most THROTTLE_MAX_CLIENTS addresses are kept (the
+# oldest go first), so that addresses made up by the thousand cannot fill the memory.
+FREE_FAILURES = 5
+THROTTLE_FIRST = 1.0
+THROTTLE_MAX = 300.0
+THROTTLE_FORGET = 3600.0
+THROTTLE_MAX_CLIENTS = 10_000
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -118,18 +145,118 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Security:
-    """Authentication (optional token) and cross-site request checks."""
+class Sessions:
+    """Login sessions. A cookie is ``<id>.<expiry>.<signature>``: a random id, the Unix time
+    it ends (after :data:`SESSION_LIFETIME`) and an HMAC of both keyed from the token, so
+    every process serving the app with the same token accepts it, and a new token ends
+    every session. :meth:`revoke` (logout) refuses the id from then on in this process."""
 
-    def __init__(self, token: str | None) -> None:
-        self.token = token
-        # The login cookie holds an HMAC of the token: it proves the browser was given the
-        # token without storing it, and is the same in every process serving the app.
-        self.auth_cookie = (
-            None
-            if token is None
-            else hmac.new(token.encode(), b"lilota dashboard login v1", hashlib.sha256).hexdigest()
+    def __init__(self, token: str, clock: Callable[[], float] = time.time) -> None:
+        self._key = hmac.new(token.encode(), b"lilota dashboard session v2", hashlib.sha256)
+        self._clock = clock
+        self._revoked: dict[str, float] = {}  # session id -> when it would have ended
+        self._lock = threading.Lock()
+
+    def _sign(self, body: str) -> str:
+        mac = self._key.copy()
+        mac.update(body.encode())
+        return mac.hexdigest()
+
+    def new(self) -> str:
+        """A new session's cookie value."""
+        body = f"{secrets.token_urlsafe(18)}.{int(self._clock() + SESSION_LIFETIME)}"
+        return f"{body}.{self._sign(body)}"
+
+    def _parse(self, cookie: str) -> tuple[str, float] | None:
+        """(id, expiry) of a cookie this app signed that has not expired, else None."""
+        session_id, _, rest = cookie.partition(".")
+        expiry, _, signature = rest.partition(".")
+        body = f"{session_id}.{expiry}"
+        if not (session_id and expiry.isdigit()) or not hmac.compare_digest(
+            signature.encode(), self._sign(body).encode()
+        ):
+            return None
+        return (session_id, float(expiry)) if float(expiry) > self._clock() else None
+
+    def valid(self, cookie: str) -> bool:
+        parsed = self._parse(cookie)
+        with self._lock:
+            return parsed is not None and parsed[0] not in self._revoked
+
+    def revoke(self, cookie: str) -> None:
+        """End the cookie's session (logout); forget revocations of expired sessions."""
+        parsed = self._parse(cookie)
+        now = self._clock()
+        with self._lock:
+            for session_id in [i for i, ends in self._revoked.items() if ends <= now]:
+                del self._revoked[session_id]
+            if parsed is not None:
+                self._revoked[parsed[0]] = parsed[1]
+
+
+def client_key(host: str | None) -> str:
+    """Whom to count wrong tokens against: the client address (an IPv6 one by its /64,
+    which one host is given whole)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host or "unknown"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class LoginThrottle:
+    """Counts wrong tokens per client (:func:`client_key`) and says how long a client must
+    wait before its next try. ``clock`` is injectable (monotonic seconds)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # client -> (wrong tokens, last wrong one, refused until); oldest first.
+        self._clients: collections.OrderedDict[str, tuple[int, float, float]] = (
+            collections.OrderedDict()
         )
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> int | None:
+        """Whole seconds ``client`` must wait before trying a token again, or None."""
+        with self._lock:
+            entry = self._clients.get(client)
+        if entry is None or entry[2] <= self._clock():
+            return None
+        return max(1, math.ceil(entry[2] - self._clock()))
+
+    def failed(self, client: str) -> int:
+        """Count a wrong token from ``client``; returns how many it has sent in a row."""
+        now = self._clock()
+        with self._lock:
+            count, last, _ = self._clients.pop(client, (0, now, now))
+            count = 1 if now - last > THROTTLE_FORGET else count + 1
+            over = count - FREE_FAILURES  # 0 at the last free one: the next waits
+            until = now + min(THROTTLE_MAX, THROTTLE_FIRST * 2**over) if over >= 0 else now
+            self._clients[client] = (count, now, until)
+            while len(self._clients) > THROTTLE_MAX_CLIENTS:
+                self._clients.popitem(last=False)
+        return count
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._clients.pop(client, None)
+
+
+class Security:
+    """Authentication (optional token), login sessions and throttling, cross-site checks."""
+
+    def __init__(self, token: str | None, clock: Callable[[], float] = time.time) -> None:
+        self.token = token
+        self.sessions = None if token is None else Sessions(token, clock)
+        self.throttle = LoginThrottle()
+
+    @staticmethod
+    def sends_bearer(request: Request) -> bool:
+        """Whether the request tries a bearer token (right or wrong)."""
+        scheme, _, _ = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer"
 
     def bearer(self, request: Request) -> bool:
         """True if the request carries the right ``Authorization: Bearer`` token."""
@@ -143,9 +270,8 @@ class Security:
     def authenticated(self, request: Request) -> bool:
         if self.token is None or self.bearer(request):
             return True
-        cookie = request.cookies.get(AUTH_COOKIE, "")
-        assert self.auth_cookie is not None
-        return hmac.compare_digest(cookie.encode(), self.auth_cookie.encode())
+        assert self.sessions is not None
+        return self.sessions.valid(request.cookies.get(AUTH_COOKIE, ""))
 
     def token_matches(self, given: str) -> bool:
         """True if ``given`` (typed into the login form) is the token."""

@@ -19,14 +19,15 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.engine.url import URL
-from sqlalchemy.pool import StaticPool
 
+from lilota.dialects.sqlitefile import FileWatch, open_read_only, permanent_error, sqlite_engine
 from lilota.dialects.urls import is_memory_sqlite, lilota_options, postgres_connect_args
+from lilota.errors import DatabaseError
 from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
@@ -87,6 +88,8 @@ class Dialect:
     # Whether a write transaction locks the whole database (SQLite): the store then looks
     # with a read first where there is often nothing to write, instead of queueing.
     writes_lock_database: ClassVar[bool] = False
+    # Whether this process may only read the database (a SQLite file it cannot write).
+    read_only: bool = False
 
     def __init__(self, url: URL, table: sa.Table, *, pool_size: int) -> None:
         self.url, self.name, self.table = url, url.get_backend_name(), table
@@ -243,6 +246,14 @@ class Dialect:
     def is_disconnect(self, error: exc.DBAPIError) -> bool:
         return bool(error.connection_invalidated)
 
+    def permanent_error(self, error: exc.DBAPIError) -> DatabaseError | None:
+        """The error to raise at once, unretried, for a driver error no retry can cure."""
+        return None
+
+    def check_file(self) -> None:
+        """Raise :class:`~lilota.errors.DatabaseReplaced` if the database this process
+        opened is no longer where the URL points (SQLite files only)."""
+
     def is_transient(self, error: exc.DBAPIError) -> bool:
         """Worth another try (rolled back as a whole): locked, unreachable, or dropped."""
         unreachable = isinstance(error, exc.OperationalError)
@@ -316,38 +327,21 @@ class SQLiteDialect(Dialect):
     retries = SQLITE_LOCKED_RETRIES
     writes_lock_database = True
     _memory_lock: threading.RLock | None = None
+    _watch: FileWatch | None = None
 
     def create_engine(self, pool_size: int) -> Engine:
-        memory = is_memory_sqlite(self.url)
-        engine = sa.create_engine(
-            self.url,
-            # File databases keep a small pool: opening a connection and setting its
-            # pragmas costs more than most statements.
-            poolclass=StaticPool if memory else None,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-        )
+        memory, path = is_memory_sqlite(self.url), self.url.database or ""
+        self.read_only = not memory and open_read_only(path)
+        self._watch = None if memory else FileWatch(path)  # None: one connection, shared
         self._memory_lock = threading.RLock() if memory else None
+        return sqlite_engine(self.url, SQLITE_BUSY_TIMEOUT_MS, self.read_only, self._watch)
 
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Autocommit at the driver level: we issue BEGIN ourselves (below), so that
-            # writes take the lock up front instead of failing on upgrade.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            if not memory:
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            # WAL + NORMAL: a commit survives a process crash; only an OS crash or power
-            # loss can lose the last transactions, never corrupt the database.
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+    def permanent_error(self, error: exc.DBAPIError) -> DatabaseError | None:
+        return permanent_error(error, self.url.database or "")
 
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            read = conn.get_execution_options().get("lilota_read")
-            conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
-
-        return engine
+    def check_file(self) -> None:
+        if self._watch is not None:
+            self._watch.check()
 
     def connect(self, read_only: bool, single: bool) -> AbstractContextManager[Connection]:
         if self._memory_lock is not None:

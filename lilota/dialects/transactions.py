@@ -37,8 +37,9 @@ def transaction(
     """Run the decorated method in one transaction, on a connection passed after ``self``.
 
     A transient error (:meth:`Dialect.is_transient`) rolls it back and runs it again a few
-    times, waiting 0.05, 0.1, 0.2... s: the method must be safe to repeat. Driver errors
-    that remain become :class:`DatabaseUnavailable` or :class:`DatabaseError`. ``read_only``
+    times, waiting 0.05, 0.1, 0.2... s: the method must be safe to repeat. A permanent one
+    (:meth:`Dialect.permanent_error`: a read-only or corrupt SQLite file...) is raised at
+    once; others become :class:`DatabaseUnavailable` or :class:`DatabaseError`. ``read_only``
     takes no write lock (SQLite: BEGIN, not BEGIN IMMEDIATE); ``single`` is for one
     statement, autocommit where the dialect can (PostgreSQL: one round trip); ``schema``
     ensures the tables first."""
@@ -56,6 +57,9 @@ def transaction(
                     with dialect.connect(read_only, single) as conn, conn.begin():
                         return method(self, conn, *args, **kwargs)
                 except exc.DBAPIError as e:
+                    permanent = dialect.permanent_error(e)
+                    if permanent is not None:
+                        raise permanent from e
                     if attempt < dialect.retries and dialect.is_transient(e):
                         time.sleep(0.05 * 2 ** (attempt - 1))
                         continue

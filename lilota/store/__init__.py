@@ -24,12 +24,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import execution, serialization
+from lilota import errors, execution, serialization
 from lilota.dialects import Dialect, dialect_for
 from lilota.dialects.transactions import transaction
 from lilota.dialects.urls import is_memory_sqlite, parse_url
 from lilota.dialects.urls import postgres_connect_args as postgres_connect_args
-from lilota.errors import DatabaseError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
 from lilota.listeners import Listener
 from lilota.models import Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
@@ -104,6 +104,10 @@ class TaskStore:
         """Something an idle worker can wait on until tasks may have arrived."""
         return self.dialect.listener()
 
+    def check_file(self) -> None:
+        """Raise ``DatabaseReplaced`` if the SQLite file opened was deleted or replaced."""
+        self.dialect.check_file()
+
     @transaction()
     def _run(self, conn: Connection, fn: Callable[[Connection], Any]) -> Any:
         """``fn(conn)`` as one transaction (for tests and one-off maintenance)."""
@@ -126,8 +130,22 @@ class TaskStore:
             return
         with self._schema_lock:
             if not self._schema_ready:
-                self._ensure_schema()
+                if not self.dialect.read_only:
+                    self._ensure_schema()
+                else:  # a file this process may only read: check, never change
+                    self._check_read_only_schema()
                 self._schema_ready = True
+
+    def _check_read_only_schema(self) -> None:
+        db = os.path.abspath(self.url.database or "")
+        version = self.schema_version()
+        if version is None:
+            raise errors.DatabaseReadOnly(f"{db} is read-only; no lilota tables", path=db)
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{db} holds lilota schema version {version}, this lilota reads {SCHEMA_VERSION}"
+                " and cannot upgrade a file it may only read; open it once with write access"
+            )
 
     @transaction()
     def _ensure_schema(self, conn: Connection) -> None:

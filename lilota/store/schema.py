@@ -173,8 +173,9 @@ def check_layout(conn: Connection) -> None:
         )
     missing = sorted(set(V1_COLUMNS) - columns)
     if missing or not inspector.has_table("lilota_schema"):
+        where = conn.engine.url.render_as_string(hide_password=True)
         raise SchemaVersionError(
-            "this database has a lilota_task table that lilota did not create (missing "
+            f"the database {where} has a lilota_task table that lilota did not create (missing "
             f"columns: {', '.join(missing) or 'none'}; no lilota_schema table: "
             f"{not inspector.has_table('lilota_schema')}); lilota will not change it. "
             "Use another database, or rename that table"

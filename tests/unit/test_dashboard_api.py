@@ -569,3 +569,283 @@ def test_task_times_are_iso_with_utc_offsets(store: TaskStore) -> None:
     assert task["run_at"] == "2030-01-02T03:04:05+00:00"
     assert task["description"] == "<i>d</i>"
     assert datetime.fromisoformat(task["created_at"]).utcoffset() == timedelta(0)
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+def login(c: TestClient) -> tuple[str, str]:
+    """Log in through the form; returns (csrf token, the auth cookie's value)."""
+    csrf = c.get("/login").cookies["lilota_csrf"]
+    response = c.post("/login", data={"token": TOKEN, "csrf": csrf}, follow_redirects=False)
+    assert response.status_code == 303
+    return csrf, c.cookies["lilota_auth"]
+
+
+def test_logout_revokes_a_copy_of_the_cookie(store: TaskStore) -> None:
+    app = dashboard.create_app(store=store, token=TOKEN)
+    browser = TestClient(app)
+    csrf, cookie = login(browser)
+    thief = TestClient(app, cookies={"lilota_auth": cookie})
+    assert thief.get("/api/tasks").status_code == 200
+
+    browser.post("/logout", headers={"X-CSRF-Token": csrf}, follow_redirects=False)
+
+    assert thief.get("/api/tasks").status_code == 401
+    page = thief.get("/", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+
+
+def test_each_login_is_its_own_session_and_logout_ends_only_that_one(store: TaskStore) -> None:
+    app = dashboard.create_app(store=store, token=TOKEN)
+    first, second = TestClient(app), TestClient(app)
+    csrf, first_cookie = login(first)
+    _, second_cookie = login(second)
+    assert first_cookie != second_cookie
+
+    first.post("/logout", headers={"X-CSRF-Token": csrf}, follow_redirects=False)
+
+    assert (
+        TestClient(app, cookies={"lilota_auth": first_cookie}).get("/api/tasks").status_code == 401
+    )
+    assert second.get("/api/tasks").status_code == 200
+
+
+def test_the_session_cookie_holds_neither_the_token_nor_a_fixed_value(store: TaskStore) -> None:
+    app = dashboard.create_app(store=store, token=TOKEN)
+    _, cookie = login(TestClient(app))
+    _, again = login(TestClient(app))
+    assert TOKEN not in cookie and cookie != again
+    # The old fixed login cookie (an HMAC of the token alone) no longer opens anything.
+    import hashlib
+    import hmac
+
+    fixed = hmac.new(TOKEN.encode(), b"lilota dashboard login v1", hashlib.sha256).hexdigest()
+    assert TestClient(app, cookies={"lilota_auth": fixed}).get("/api/tasks").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda c: c[:-1] + ("0" if c[-1] != "0" else "1"),  # another signature
+        lambda c: c.split(".")[0] + ".99999999999." + c.split(".")[2],  # a later expiry
+        lambda c: "",
+        lambda c: "a.b.c",
+    ],
+    ids=["signature", "expiry", "empty", "garbage"],
+)
+def test_a_tampered_session_cookie_is_refused(store: TaskStore, tamper: Any) -> None:
+    app = dashboard.create_app(store=store, token=TOKEN)
+    _, cookie = login(TestClient(app))
+    assert (
+        TestClient(app, cookies={"lilota_auth": tamper(cookie)}).get("/api/tasks").status_code
+        == 401
+    )
+
+
+def test_a_session_ends_after_its_lifetime_and_with_a_new_token() -> None:
+    from lilota.dashboard.security import SESSION_LIFETIME, Sessions
+
+    now = [1_000_000.0]
+    sessions = Sessions(TOKEN, clock=lambda: now[0])
+    cookie = sessions.new()
+    now[0] += SESSION_LIFETIME - 1
+    assert sessions.valid(cookie)
+    assert not Sessions("another-token", clock=lambda: now[0]).valid(cookie)
+    now[0] += 2
+    assert not sessions.valid(cookie)
+
+
+def test_revocations_of_expired_sessions_are_forgotten() -> None:
+    from lilota.dashboard.security import SESSION_LIFETIME, Sessions
+
+    now = [1_000_000.0]
+    sessions = Sessions(TOKEN, clock=lambda: now[0])
+    old = sessions.new()
+    sessions.revoke(old)
+    assert len(sessions._revoked) == 1
+    now[0] += SESSION_LIFETIME + 1
+    sessions.revoke(sessions.new())
+    assert len(sessions._revoked) == 1  # only the new one: the old one expired anyway
+
+
+# ---------------------------------------------------------------------- throttling
+
+
+def test_wrong_tokens_at_login_are_refused_with_429_and_retry_after(store: TaskStore) -> None:
+    from lilota.dashboard.security import FREE_FAILURES
+
+    app = dashboard.create_app(store=store, token=TOKEN)
+    c = TestClient(app)
+    csrf = c.get("/login").cookies["lilota_csrf"]
+    codes = [
+        c.post("/login", data={"token": f"guess{i}", "csrf": csrf}).status_code
+        for i in range(FREE_FAILURES)
+    ]
+    assert codes == [401] * FREE_FAILURES
+
+    # Blocked: even the right token is not looked at.
+    blocked = c.post("/login", data={"token": TOKEN, "csrf": csrf}, follow_redirects=False)
+    assert blocked.status_code == 429
+    assert blocked.headers["retry-after"] == "1"
+    assert "Too many wrong tokens: try again in 1 s." in blocked.text
+    assert "lilota_auth" not in c.cookies
+    # Another address is not held up by this one.
+    other = TestClient(app, client=("192.0.2.7", 50000))
+    other_csrf = other.get("/login").cookies["lilota_csrf"]
+    ok = other.post("/login", data={"token": TOKEN, "csrf": other_csrf}, follow_redirects=False)
+    assert ok.status_code == 303
+
+
+def test_wrong_bearer_tokens_are_throttled_but_a_session_from_that_address_is_not(
+    store: TaskStore,
+) -> None:
+    from lilota.dashboard.security import FREE_FAILURES
+
+    app = dashboard.create_app(store=store, token=TOKEN)
+    browser, script = TestClient(app), TestClient(app)  # one address
+    login(browser)
+    for i in range(FREE_FAILURES):
+        wrong = script.get("/api/tasks", headers={"Authorization": f"Bearer guess{i}"})
+        assert wrong.status_code == 401
+
+    right = script.get("/api/tasks", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 429
+    assert right.headers["retry-after"] == "1"
+    assert "too many wrong tokens" in right.json()["error"]
+    assert browser.get("/api/tasks").status_code == 200  # a logged-in session goes on
+
+
+def test_the_wait_doubles_with_each_further_wrong_token_up_to_a_limit() -> None:
+    from lilota.dashboard import security
+
+    now = [0.0]
+    throttle = security.LoginThrottle(clock=lambda: now[0])
+    for _ in range(security.FREE_FAILURES - 1):
+        throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") is None
+    waits = []
+    for _ in range(12):
+        throttle.failed("10.0.0.1")
+        wait = throttle.retry_after("10.0.0.1")
+        assert wait is not None
+        waits.append(wait)
+        now[0] += wait  # the client waits as told, then guesses again
+        assert throttle.retry_after("10.0.0.1") is None
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+
+
+def test_a_right_token_or_an_hour_of_quiet_clears_the_count() -> None:
+    from lilota.dashboard import security
+
+    now = [0.0]
+    throttle = security.LoginThrottle(clock=lambda: now[0])
+    for _ in range(security.FREE_FAILURES - 1):
+        throttle.failed("10.0.0.1")
+    throttle.succeeded("10.0.0.1")
+    assert throttle.failed("10.0.0.1") == 1
+    now[0] += security.THROTTLE_FORGET + 1
+    assert throttle.failed("10.0.0.1") == 1
+
+
+def test_the_throttle_keeps_a_bounded_number_of_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lilota.dashboard import security
+
+    monkeypatch.setattr(security, "THROTTLE_MAX_CLIENTS", 3)
+    monkeypatch.setattr(security, "FREE_FAILURES", 1)
+    throttle = security.LoginThrottle(clock=lambda: 0.0)
+    for n in range(5):
+        throttle.failed(f"10.0.0.{n}")
+    assert [throttle.retry_after(f"10.0.0.{n}") for n in range(5)] == [None, None, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::2", "2001:db8:1:2::/64"),
+        ("testclient", "testclient"),
+        (None, "unknown"),
+    ],
+)
+def test_wrong_tokens_count_per_address_and_per_ipv6_64(host: str | None, key: str) -> None:
+    from lilota.dashboard.security import client_key
+
+    assert client_key(host) == key
+
+
+# ---------------------------------------------------------------------- exposure
+
+
+def test_serve_refuses_a_non_loopback_address_without_a_token(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served"))
+    with pytest.raises(ConfigurationError) as refused:
+        dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}", host="0.0.0.0")
+    assert "refusing to serve the dashboard on 0.0.0.0 without a token" in str(refused.value)
+    assert "--token" in str(refused.value) and "--insecure" in str(refused.value)
+
+
+def test_serve_with_insecure_serves_any_host_and_warns(
+    store: TaskStore,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs, app=app))
+    dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}", host="0.0.0.0", insecure=True)
+
+    assert seen["host"] == "0.0.0.0"
+    assert "listens on 0.0.0.0 without a token (--insecure)" in caplog.text
+    c = TestClient(seen["app"])
+    assert c.get("/api/tasks", headers={"Host": "tasks.example:8000"}).status_code == 200
+
+
+def test_serve_with_a_token_on_a_non_loopback_address_needs_no_insecure(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs, app=app))
+    dashboard.serve(f"sqlite:///{tmp_path / 'dash.db'}", host="0.0.0.0", token=TOKEN)
+    assert seen["host"] == "0.0.0.0"
+    assert TestClient(seen["app"]).get("/api/tasks").status_code == 401
+
+
+@pytest.mark.parametrize("command", ["lilota dashboard", "python -m lilota.dashboard"])
+def test_the_commands_refuse_host_0_0_0_0_without_a_token_unless_insecure(
+    store: TaskStore,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    import uvicorn
+
+    from lilota.cli import main as lilota_main
+    from lilota.dashboard.__main__ import main as dashboard_main
+
+    served: list[str] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs["host"]))
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+
+    def run(*extra: str) -> int:
+        if command == "lilota dashboard":
+            return lilota_main(["dashboard", "--db-url", url, "--host", "0.0.0.0", *extra])
+        return dashboard_main(["--db-url", url, "--host", "0.0.0.0", *extra])
+
+    assert run() != 0
+    assert served == []
+    assert "without a token" in capsys.readouterr().err
+    assert run("--insecure") == 0
+    assert served == ["0.0.0.0"]
+    assert run("--token", TOKEN) == 0
+    assert served == ["0.0.0.0", "0.0.0.0"]
