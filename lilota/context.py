@@ -31,6 +31,8 @@ class TaskContext:
     ``ctx``/``context``).
 
     ``task_id``, ``name`` and ``attempt`` (1 for the first run) identify the run;
+    ``recoveries`` says how many times the task ran before on a worker that was lost (so
+    ``attempt > 1 or recoveries`` means it may have run, in part, before);
     ``logger`` writes records that carry the task id; ``progress`` is the task's
     :class:`~lilota.models.TaskProgress`; ``cancelled`` turns true when cancellation
     was requested; ``schedule(...)`` queues a follow-up task in the same database.
@@ -44,6 +46,7 @@ class TaskContext:
     logger: logging.LoggerAdapter  # type: ignore[type-arg]
     # Makes and stores a task (lilota.execution gives the store's and registry's).
     _schedule: Callable[..., int]
+    recoveries: int = 0
 
     @classmethod
     def for_claim(
@@ -62,6 +65,7 @@ class TaskContext:
             name=claim.name,
             attempt=claim.attempt,
             max_attempts=claim.max_attempts,
+            recoveries=claim.recoveries,
             progress=progress,
             logger=logger,
             _schedule=schedule,

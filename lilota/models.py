@@ -407,6 +407,7 @@ class Claim:
     attempt: int
     max_attempts: int
     fence: int
+    recoveries: int = 0  # runs before this one whose worker was lost
 
 
 @dataclass(frozen=True, kw_only=True)

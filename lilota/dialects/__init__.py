@@ -46,7 +46,8 @@ _FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 _ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
 _KEYS = ("b_id", "b_fence", "b_exception")
 # What a claim returns of each task it claims.
-CLAIMED = ("id", "name", "input", "attempts", "fence", "max_attempts", "priority", "run_at")
+CLAIMED: tuple[str, ...] = ("id", "name", "input", "attempts", "fence", "recoveries")
+CLAIMED += ("max_attempts", "priority", "run_at")
 
 
 # SQLite waits this long for another process's write transaction. Writes here take a few

@@ -275,6 +275,7 @@ class TaskStore:
                 attempt=r.attempts,
                 max_attempts=n,
                 fence=r.fence,
+                recoveries=r.recoveries,
             )
             for r, n in zip(rows, limits, strict=True)
         ]

@@ -145,3 +145,25 @@ def test_seed000_manual_progress_example_reaches_100(workdir: Path, lilota_db_ur
         """
     )
     assert run_python(workdir, main).strip() == "completed 100"
+
+
+def test_seed002_shape_with_a_raising_task_fails_at_once_with_the_exception(
+    workdir: Path, lilota_db_url: str
+) -> None:
+    # Issue 14 item 3: the seed user's program (schedule, stop(), read) with a task that
+    # raises finds it failed with the exception, as the earlier release did: not pending
+    # for a retry.
+    main = example("seed002_single_file.py", lilota_db_url)
+    main = main.replace(
+        "  return AddOutput(sum=data.a + data.b)",
+        "  raise ValueError(f'cannot add {data.a} and {data.b}')",
+    )
+    main = main.replace(
+        '  add_output = AddOutput(**task.output)\n  print(f"{number1} + {number2} = {add_output.sum} ") # 2 + 3 = 5',
+        "  print(task.status.value, task.attempts, task.exception.type, task.exception.message)",
+    )
+    out = run_python(workdir, main)
+    assert out.splitlines() == ["failed 1 ValueError cannot add 2 and 3"]
+    task = only_task(lilota_db_url)
+    assert task.status is TaskStatus.FAILED and task.max_attempts == 1
+    assert task.exception is not None and "raise ValueError" in task.exception.traceback

@@ -19,7 +19,7 @@ from tests.integration.apps.tasks import mark, wait_for_file
 app = Lilota(number_of_workers=0)
 
 
-@app.register("square", max_attempts=10)
+@app.register("square")  # default settings: the SIGKILL chaos test relies on recoveries
 def square(data: dict) -> dict:  # type: ignore[type-arg]
     """Marks ``square <n>`` when it starts, sleeps ``sleep`` seconds, returns n and n²."""
     mark(f"square {data['n']}")
@@ -59,14 +59,15 @@ def slow_first_time(ctx: TaskContext) -> int:
 
 @app.register("blocker")
 def blocker(data: dict, ctx: TaskContext) -> str:  # type: ignore[type-arg]
-    """Marks ``started <key> <attempt>``, then runs until the file ``path`` exists."""
-    mark(f"started {data['key']} {ctx.attempt}")
+    """Marks ``started <key> <run>`` (run: attempt + recoveries, 1 for the first), then
+    runs until the file ``path`` exists."""
+    mark(f"started {data['key']} {ctx.attempt + ctx.recoveries}")
     wait_for_file(Path(data["path"]))
     return "released"
 
 
 # The same, with one attempt: a worker that loses it can never hand it to another.
-app.register("blocker-once", max_attempts=1)(blocker)
+app.register("blocker-once", max_attempts=1, max_recoveries=0)(blocker)
 
 
 @app.register("until-cancelled")
