@@ -11,7 +11,7 @@
 #
 # The image is cached by name and version: when LILOTA_TEST_POSTGRES_IMAGE (default below)
 # is already loaded, nothing is built. Building needs root, debootstrap (installed with apt
-# when missing), a Debian mirror (LILOTA_DEBIAN_MIRROR) and about a minute.
+# when missing), a Debian mirror (LILOTA_DEBIAN_MIRROR) and one to three minutes.
 #
 # Then run the tests with that image:
 #   LILOTA_TEST_POSTGRES_IMAGE=$(bash scripts/postgres-image.sh) pytest ...
@@ -54,8 +54,17 @@ if ! command -v debootstrap >/dev/null; then
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
 fi
 
-root=$(mktemp -d "${TMPDIR:-/tmp}/lilota-postgres-rootfs.XXXXXX")
-trap 'rm -rf "$root"' EXIT
+# The root file system is built in memory where there is room: dpkg syncs every file it
+# unpacks, which on a disk makes the build about half as slow again (three minutes, not two,
+# on a busy two-core machine). About 400 MB.
+build_dir=${LILOTA_IMAGE_BUILD_DIR:-${TMPDIR:-/tmp}}
+if [ -z "${LILOTA_IMAGE_BUILD_DIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] \
+    && [ "$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')" -gt 1048576 ]; then
+    build_dir=/dev/shm
+fi
+root=$(mktemp -d "$build_dir/lilota-postgres-rootfs.XXXXXX")
+# --one-file-system: never into a /proc or /dev that a stopped debootstrap left mounted.
+trap 'rm -rf --one-file-system "$root"' EXIT
 started=$(date +%s)
 log "postgres-image: debootstrap $SUITE with postgresql-$PG_MAJOR from $MIRROR"
 # The downloaded packages are kept (cache-dir) so that a new recipe rebuilds faster.
