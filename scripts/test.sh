@@ -87,7 +87,7 @@ find_postgres_image() {
         || timeout 120 docker pull -q "$official" >/dev/null 2>&1; then
         postgres_image=$official
     else
-        log "$official cannot be pulled; making a PostgreSQL image with scripts/postgres-image.sh"
+        log "$official cannot be pulled: the image of scripts/postgres-image.sh (made when missing)"
         postgres_image=$(bash scripts/postgres-image.sh) || return 1
     fi
 }
