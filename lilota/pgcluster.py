@@ -4,8 +4,8 @@ The provisioning behind the PostgreSQL fixtures of :mod:`lilota.testing`, usable
 pytest too:
 
 - :func:`find_postgres` finds or starts a server, trying ``LILOTA_TEST_POSTGRES_URL``, a
-  Docker container (testcontainers), then a throwaway cluster from the local binaries
-  (:mod:`lilota.pglocal`); it returns a :class:`PostgresProvider` or raises
+  Docker container (testcontainers, :mod:`lilota.pgcontainer`), then a throwaway cluster
+  from the local binaries (:mod:`lilota.pglocal`); it returns a :class:`PostgresProvider` or raises
   :class:`PostgresUnavailable` saying what was tried. The order, and the environment
   variables that steer it, are documented in :mod:`lilota.testing` ("Finding a PostgreSQL
   server").
@@ -36,6 +36,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from lilota.pgcontainer import (
+    CONTAINER_IMAGE,
+    ENV_POSTGRES_IMAGE,
+    LOCAL_IMAGE,
+    ContainerServer,
+    ContainerUnavailable,
+    choose_image,
+    docker_client,
+    sweep_stale,
+)
 from lilota.pglocal import (
     ENV_POSTGRES_BINDIR,
     SERVER_SETTINGS,
@@ -54,8 +64,10 @@ __all__ = [
     "ENV_DISABLE_DOCKER",
     "ENV_DISABLE_LOCAL",
     "ENV_POSTGRES_BINDIR",
+    "ENV_POSTGRES_IMAGE",
     "ENV_POSTGRES_URL",
     "HOW_TO_ENABLE",
+    "LOCAL_IMAGE",
     "UNPRIVILEGED_USER",
     "Kind",
     "LocalPostgresCluster",
@@ -78,7 +90,6 @@ ENV_DISABLE_DOCKER = "LILOTA_TEST_POSTGRES_DISABLE_DOCKER"
 ENV_DISABLE_LOCAL = "LILOTA_TEST_POSTGRES_DISABLE_LOCAL"
 ENV_CI = "CI"
 
-CONTAINER_IMAGE = "postgres:16-alpine"
 HOW_TO_ENABLE = (
     "PostgreSQL tests need a server: set LILOTA_TEST_POSTGRES_URL=postgresql://... or "
     "install PostgreSQL server binaries (initdb/pg_ctl) or run Docker"
@@ -216,9 +227,12 @@ class PostgresProvider:
         cluster: LocalPostgresCluster | None = None,
         container: Any = None,
         template_setup: TemplateSetup | None = None,
+        description: str = "",
     ) -> None:
         self.url = normalize_postgres_url(url)
         self.kind: Kind = kind
+        #: Where the server is, for people: "a container of postgres:16-alpine (...)".
+        self.description = description or f"{kind} server {_redact(self.url)}"
         self.template_setup = template_setup
         self._cluster = cluster
         self._container = container
@@ -362,73 +376,45 @@ def _from_env(template_setup: TemplateSetup | None) -> PostgresProvider | None:
         raise PostgresUnavailable(
             f"{ENV_POSTGRES_URL} is set, but the server at {_redact(url)} did not answer: {exc}"
         ) from None
-    return PostgresProvider(url, "env", template_setup=template_setup)
-
-
-def _docker_answers() -> None:
-    """Raise :class:`_SourceUnavailable` unless a Docker engine answers a ping within 2 s."""
-    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
-        raise _SourceUnavailable("no Docker engine (DOCKER_HOST unset, no /var/run/docker.sock)")
-    try:
-        import docker  # type: ignore[import-untyped]
-    except ImportError:
-        raise _SourceUnavailable(
-            "the docker SDK is not installed (pip install lilota[testing])"
-        ) from None
-    import gc
-    import warnings
-
-    error: str | None = None
-    # A failed ping leaves an unclosed socket behind: collect it here, quietly, rather than
-    # have its ResourceWarning surface in some later test.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            client = docker.from_env(timeout=2)
-            try:
-                client.ping()
-            finally:
-                client.close()
-        except Exception as exc:
-            error = f"no Docker engine answers ({exc})"
-        gc.collect()
-    if error is not None:
-        raise _SourceUnavailable(error)
+    return PostgresProvider(
+        url,
+        "env",
+        template_setup=template_setup,
+        description=f"{ENV_POSTGRES_URL} ({_redact(url)})",
+    )
 
 
 def _from_container(template_setup: TemplateSetup | None) -> PostgresProvider:
-    _docker_answers()
-    import warnings
-
+    """A server in a Docker container (:mod:`lilota.pgcontainer`): the engine must answer
+    a ping within 2 s; stale containers of killed runs are removed first."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                from testcontainers.community.postgres import PostgresContainer
-            except ImportError:
-                from testcontainers.postgres import PostgresContainer
-    except ImportError:
-        raise _SourceUnavailable(
-            "Docker answers but testcontainers is not installed (pip install lilota[testing])"
-        ) from None
-    container = PostgresContainer(
-        CONTAINER_IMAGE,
-        username="postgres",
-        password="postgres",
-        dbname="postgres",
-        driver="psycopg",
+        client = docker_client()
+        try:
+            import testcontainers  # noqa: F401
+        except ImportError:
+            raise ContainerUnavailable(
+                "Docker answers but testcontainers is not installed (pip install lilota[testing])"
+            ) from None
+        sweep_stale(client)
+        image = choose_image(client)
+        server = ContainerServer(client, image, SERVER_SETTINGS)
+        started = time.perf_counter()
+        server.start()
+    except ContainerUnavailable as exc:
+        raise _SourceUnavailable(str(exc)) from None
+    logger.info(
+        "started a PostgreSQL container from %s (host network) on 127.0.0.1:%d in %.2f s",
+        image,
+        server.port,
+        time.perf_counter() - started,
     )
-    container.with_command(["postgres", *(arg for s in SERVER_SETTINGS for arg in ("-c", s))])
-    try:
-        container.start()
-        url = container.get_connection_url()
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            container.stop()
-        raise _SourceUnavailable(
-            f"starting the {CONTAINER_IMAGE} container failed: {exc}"
-        ) from None
-    return PostgresProvider(url, "container", container=container, template_setup=template_setup)
+    return PostgresProvider(
+        server.url,
+        "container",
+        container=server,
+        template_setup=template_setup,
+        description=f"a container of {image} (127.0.0.1:{server.port})",
+    )
 
 
 def _from_local(template_setup: TemplateSetup | None) -> PostgresProvider:
@@ -456,7 +442,13 @@ def _from_local(template_setup: TemplateSetup | None) -> PostgresProvider:
         time.perf_counter() - started,
         f" as user {cluster.user!r}" if cluster.user else "",
     )
-    return PostgresProvider(cluster.url, "local", cluster=cluster, template_setup=template_setup)
+    return PostgresProvider(
+        cluster.url,
+        "local",
+        cluster=cluster,
+        template_setup=template_setup,
+        description=f"a throwaway cluster of {bindir} (127.0.0.1:{cluster.port})",
+    )
 
 
 def find_postgres(template_setup: TemplateSetup | None = None) -> PostgresProvider:

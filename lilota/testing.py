@@ -69,8 +69,18 @@ in this order:
 1. ``LILOTA_TEST_POSTGRES_URL``: an admin URL (``postgresql://`` or
    ``postgresql+psycopg://``) of a server where the user may ``CREATE DATABASE``. If it is set
    but the server does not answer, the tests fail: it was asked for explicitly.
-2. Docker, when the engine answers a ping within 2 s: a ``postgres:16-alpine`` container
-   through testcontainers (``pip install lilota[testing]``).
+2. Docker, when the engine answers a ping within 2 s (``pip install lilota[testing]`` for
+   testcontainers and the docker SDK): a container on the host network whose server listens
+   on 127.0.0.1 only, on a free port, so test traffic stays on loopback. The image is
+   ``LILOTA_TEST_POSTGRES_IMAGE`` if set, else ``postgres:16-alpine`` if loaded, else
+   ``lilota-postgres:15-bookworm-r2`` if loaded (made without a registry by
+   ``scripts/postgres-image.sh`` of lilota's source, for air-gapped machines), else
+   ``postgres:16-alpine`` pulled. Containers carry the label ``org.lilota.testing.owner``;
+   each is removed at the end of the session, by a watchdog process if the session was
+   killed, and containers of dead sessions are swept away when the next one starts.
+   testcontainers' reaper (ryuk) is switched off unless its image is loaded (it cannot be
+   pulled on such machines; ``TESTCONTAINERS_RYUK_DISABLED`` decides if set). Tests that
+   stop the server (``lilota_postgres.stop()``) skip on this kind.
 3. The PostgreSQL server binaries on this machine (``initdb``/``pg_ctl`` from ``PATH``,
    ``pg_config --bindir``, ``/usr/lib/postgresql/*/bin`` newest first, or
    ``LILOTA_TEST_POSTGRES_BINDIR``): a throwaway cluster in a temp dir on a free port of
@@ -80,7 +90,8 @@ in this order:
 4. Otherwise PostgreSQL tests are skipped, saying how to enable them; when the ``CI``
    environment variable is set (non-empty, not ``0``/``false``) they fail instead.
 
-The logger ``lilota.testing`` says which source was chosen and why the earlier ones were not.
+The logger ``lilota.testing`` says which source was chosen and why the earlier ones were
+not, and the end of the run names the server used ("lilota.testing: PostgreSQL from ...").
 ``LILOTA_TEST_POSTGRES_DISABLE_DOCKER=1`` and ``LILOTA_TEST_POSTGRES_DISABLE_LOCAL=1`` skip
 steps 2 and 3 (for testing this plugin, or to force a source).
 
@@ -89,7 +100,7 @@ Modules
 -------
 This module is the plugin: options, hooks, fixtures and :func:`wait_for`. The server and
 the databases come from :mod:`lilota.pgcluster` (with :mod:`lilota.pglocal` for the local
-cluster); the inline mode lives in :mod:`lilota.inline`. Everything public of those is
+cluster and :mod:`lilota.pgcontainer` for the container); the inline mode lives in :mod:`lilota.inline`. Everything public of those is
 importable from here as well.
 """
 
@@ -113,6 +124,7 @@ from lilota.pgcluster import (
     ENV_DISABLE_DOCKER,
     ENV_DISABLE_LOCAL,
     ENV_POSTGRES_BINDIR,
+    ENV_POSTGRES_IMAGE,
     ENV_POSTGRES_URL,
     LocalPostgresCluster,
     PostgresProvider,
@@ -152,6 +164,7 @@ __all__ = [
     "ENV_DISABLE_DOCKER",
     "ENV_DISABLE_LOCAL",
     "ENV_POSTGRES_BINDIR",
+    "ENV_POSTGRES_IMAGE",
     "ENV_POSTGRES_URL",
     "LocalPostgresCluster",
     "PostgresProvider",
@@ -284,9 +297,21 @@ def lilota_template_setup() -> TemplateSetup | None:
     return None
 
 
+# Where this session's PostgreSQL came from (PostgresProvider.description), for the summary.
+_POSTGRES_USED = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    used = config.stash.get(_POSTGRES_USED, [])
+    if used:
+        terminalreporter.write_line(f"lilota.testing: PostgreSQL from {'; '.join(used)}")
+
+
 @pytest.fixture(scope="session")
 def lilota_postgres(
-    lilota_template_setup: TemplateSetup | None,
+    lilota_template_setup: TemplateSetup | None, request: pytest.FixtureRequest
 ) -> Iterator[PostgresProvider]:
     """The session's PostgreSQL server (skips, or fails under CI, if there is none)."""
     try:
@@ -295,6 +320,7 @@ def lilota_postgres(
         if missing_server_is_failure():
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc))
+    request.config.stash.setdefault(_POSTGRES_USED, []).append(provider.description)
     try:
         yield provider
     finally:

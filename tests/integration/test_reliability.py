@@ -84,6 +84,7 @@ def wait_all(lilota: Lilota, ids: list[int], timeout: float) -> dict[int, Task]:
 # ----------------------------------------------------------------------------- crashes
 
 
+@pytest.mark.containers
 def test_workers_killed_at_random_lose_no_task(
     lilota_db_url: str,
     make_app: MakeApp,

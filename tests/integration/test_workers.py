@@ -53,6 +53,7 @@ def make_app(lilota_db_url: str, marks: Path) -> Iterator:  # type: ignore[type-
         lilota.stop(timeout=30)
 
 
+@pytest.mark.containers
 def test_eight_workers_run_each_of_8000_tasks_exactly_once(make_app, marks: Path) -> None:  # type: ignore[no-untyped-def]
     lilota = make_app(workers=8)
     assert len(lilota.worker_pids) == 8
@@ -65,6 +66,7 @@ def test_eight_workers_run_each_of_8000_tasks_exactly_once(make_app, marks: Path
     assert lilota.store.unfinished(ids) == set()
 
 
+@pytest.mark.containers
 def test_progress_is_seen_from_another_process_while_the_task_runs(
     make_app,
     tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -83,6 +85,7 @@ def test_progress_is_seen_from_another_process_while_the_task_runs(
     assert (task.status, task.progress_percentage) == (TaskStatus.COMPLETED, 100)
 
 
+@pytest.mark.containers
 def test_stop_finishes_running_and_scheduled_tasks(make_app, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     lilota = make_app(workers=2)
     release = tmp_path / "release"
