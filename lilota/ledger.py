@@ -289,10 +289,11 @@ class LeaseKeeper:
     def _hung(self, began: float, what: str) -> None:
         """A call that took longer than a heartbeat (a few ms normally) hung: packets to
         the database vanished (a partition, a dead switch) rather than being refused,
-        which raises nothing. Treated as the outage it was."""
+        which raises nothing, or the database was too busy to answer anyone. Treated as
+        the outage it was."""
         took = time.monotonic() - began
         if took > self.heartbeat:
-            log.warning("%s took %.1f s: the database was unreachable meanwhile", what, took)
+            log.warning("%s took %.1f s: the database did not answer meanwhile", what, took)
             self._database_trouble(took)
 
     def recover(self) -> None:
