@@ -284,22 +284,40 @@ class LeaseKeeper:
             # what passes a cancellation request on.
             wait = min(KEEPER_TICK, max(0.0, next_renew - time.monotonic()))
 
-    def _database_trouble(self) -> None:
+    def _database_trouble(self, lasted: float = 0.0) -> None:
         # While this process could not reach the database, neither could the others
         # (probably): every lease may have run out without its holder being at fault.
         # Give the holders one lease to renew before taking their tasks away, so that a
-        # task that finished during an outage is recorded by its worker, not run again.
-        self._recover_after = time.monotonic() + self.lease.total_seconds()
+        # task that finished during an outage is recorded by its worker, not run again,
+        # and one still running is not run a second time at once. After an outage that
+        # ``lasted`` (a statement hung through it), add as long again: a connection that
+        # hung through a partition resumes only at TCP's next retransmission, which can
+        # come that much later after the network is back.
+        until = time.monotonic() + self.lease.total_seconds() + lasted
+        self._recover_after = max(self._recover_after, until)
+
+    def _hung(self, began: float, what: str) -> None:
+        """A call that took longer than a heartbeat (a few ms normally) hung: packets to
+        the database vanished (a partition, a dead switch) rather than being refused,
+        which raises nothing, or the database was too busy to answer anyone. Treated as
+        the outage it was."""
+        took = time.monotonic() - began
+        if took > self.heartbeat:
+            log.warning("%s took %.1f s: the database did not answer meanwhile", what, took)
+            self._database_trouble(took)
 
     def recover(self) -> None:
         """Take back the tasks of workers whose leases expired."""
         if time.monotonic() < self._recover_after:
             return
-        try:
-            self.store.recover_expired()
+        began = time.monotonic()
+        try:  # leases that expired before now, even if the call hangs (see _hung)
+            self.store.recover_expired(before=self.store.clock())
         except DatabaseError as e:
             log.warning("could not look for lost tasks: %s", e)
             self._database_trouble()
+            return
+        self._hung(began, "looking for lost tasks")
 
     def warn_unserved(self) -> None:
         """Log the pending tasks no live worker runs (each name again only when its count
@@ -335,12 +353,14 @@ class LeaseKeeper:
             self._end_process(WorkerExit.DATABASE_REPLACED)
             return False
         held = self.ledger.held_ids()
+        began = time.monotonic()
         try:
             report = self.store.renew_leases(self.worker_id, self.lease, task_ids=held)
         except DatabaseError as e:
             log.warning("could not renew leases: %s", e)
             self._database_trouble()
             return False
+        self._hung(began, "renewing leases")
         self._check_still_held(held - report.held)
         if report.cancel_requested:
             for running in self.ledger.note_cancel_requested(report.cancel_requested):

@@ -153,8 +153,15 @@ class LocalPostgresCluster:
     As root the binaries run as an unprivileged user (``initdb`` refuses root).
     """
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(
+        self, bindir: Path, *, listen: str = "127.0.0.1", wrapper: Sequence[str] = ()
+    ) -> None:
         self.bindir = bindir
+        # The TCP addresses the server listens on (comma-separated, as listen_addresses),
+        # and a command every server command runs under: the partition tests start the
+        # server inside a network namespace (``ip netns exec NAME``) on its own addresses.
+        self.listen = listen
+        self.wrapper = list(wrapper)
         self.port = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -186,7 +193,15 @@ class LocalPostgresCluster:
         """The admin URL (user ``postgres``, trust auth); valid once ``start()`` returned."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
+    def socket_url(self, database: str = "postgres") -> str:
+        """A URL of ``database`` through the server's Unix socket: reachable from this
+        process whatever network namespace the server listens in."""
+        return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
     def _command(self, args: Sequence[str]) -> list[str]:
+        return [*self.wrapper, *self._as_user(args)]
+
+    def _as_user(self, args: Sequence[str]) -> list[str]:
         if self._run_as is None:
             return list(args)
         name, uid, gid = self._run_as
@@ -253,7 +268,7 @@ class LocalPostgresCluster:
                 port = self.port or _free_port()
                 options = " ".join(
                     [
-                        "-c listen_addresses=127.0.0.1",
+                        f"-c listen_addresses={shlex.quote(self.listen)}",
                         f"-p {port}",
                         f"-k {shlex.quote(str(self.socket_dir))}",
                         *(f"-c {setting}" for setting in SERVER_SETTINGS),

@@ -49,6 +49,12 @@ if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     apt_install pgbouncer || echo "could not install pgbouncer; its tests will report it" >&2
 fi
 
+# `ip` (iproute2) for the network partition tests (root only: they make network namespaces).
+if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null; then
+    log "installing iproute2 for the network partition tests"
+    apt_install iproute2 || echo "could not install iproute2; the partition tests will report it" >&2
+fi
+
 # Headless Chromium for the dashboard's browser tests.
 if [ -f tests/e2e/requirements.txt ] || [ -d tests/e2e ]; then
     if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then

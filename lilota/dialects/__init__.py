@@ -378,6 +378,10 @@ class PostgresDialect(Dialect):
 
     def connect_args(self, url: URL) -> dict[str, Any]:
         args = postgres_connect_args(url)
+        if self.pooler is not None:
+            # A pooler refuses startup options it does not know (PgBouncer: "unsupported
+            # startup parameter"), unless the URL gives them itself.
+            args.pop("options", None)
         if self.pooler == "transaction":
             # The next statement may run on another server connection: psycopg must not
             # prepare statements on the server (PgBouncer < 1.21 cannot follow them).

@@ -11,12 +11,12 @@ from sqlalchemy.engine.url import URL
 
 from lilota.errors import ConfigurationError
 
-# libpq connection settings unless the URL sets them: a server that does not answer fails
-# a connection attempt after 10 s (the default: never), and TCP keepalives notice a dead
-# server or network within about a minute, even while a statement waits for its answer.
+# libpq settings unless the URL sets them: connecting gives up after 10 s (default: never),
+# keepalives notice a dead peer of an idle connection in a minute, and the server ends a
+# session idle in a transaction for 10 s (a cut-off worker's row locks would hide its tasks).
 POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = dict(
     connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3
-)
+) | {"options": "-c idle_in_transaction_session_timeout=10s"}
 
 
 # lilota's own options in a PostgreSQL URL's query (removed before the driver sees it):

@@ -373,24 +373,28 @@ class TaskStore:
             outcomes.append(outcome)
         return self._finish_rows(conn, outcomes) if outcomes else 0
 
-    def recover_expired(self) -> list[tuple[int, str]]:
+    def recover_expired(self, before: datetime | None = None) -> list[tuple[int, str]]:
         """Take back running tasks whose lease expired (their worker is gone): each goes back
         to pending (a recovery: the attempt does not count) if it was recovered fewer than
         ``max_recoveries`` times, else to failed with a ``WorkerLost`` exception, or ends
         cancelled if that was requested. Safe to call from many processes at once:
-        each row is changed by exactly one. Returns (task id, new status) pairs."""
+        each row is changed by exactly one. Returns (task id, new status) pairs.
+
+        ``before`` (default: now): only leases that expired before it. A worker passes the
+        time it decided to look, so that a call that hung through a network partition
+        does not take tasks whose holders were cut off with it."""
+        now = before or self.clock()
         # Workers call this every few seconds: on SQLite, look before taking the write lock.
         look = self.dialect.writes_lock_database
-        if look and not self._all(self.sql["any_expired"], {"now": self.clock()}):
+        if look and not self._all(self.sql["any_expired"], {"now": now}):
             return []
-        recovered = self._recover()
+        recovered = self._recover(now)
         for task_id, status in recovered:
             log.warning("task %d: its worker was lost; now %s", task_id, status)
         return recovered
 
     @transaction()
-    def _recover(self, conn: Connection) -> list[tuple[int, str]]:
-        now = self.clock()
+    def _recover(self, conn: Connection, now: datetime) -> list[tuple[int, str]]:
         rows = conn.execute(self.dialect.skip_locked(self.sql["expired"]), {"now": now}).all()
         if not rows:
             return []

@@ -256,6 +256,21 @@ def test_only_the_leases_a_worker_knows_it_holds_are_renewed(
     assert claim_one(store, "w2").id == phantom.id
 
 
+def test_a_look_for_lost_tasks_takes_only_the_leases_that_expired_before_it_was_sent(
+    store: TaskStore, clock: FakeClock
+) -> None:
+    # A look that hung through a network partition reaches the database after it heals:
+    # the leases of workers cut off with it ran out meanwhile, through no fault of theirs.
+    store.add_many([NewTask(name="job", max_attempts=2) for _ in range(2)])
+    early = claim_one(store, "w1")  # lease until t+30
+    clock.advance(seconds=10)
+    late = claim_one(store, "w2")  # lease until t+40
+    sent = clock.now + timedelta(seconds=25)  # t+35
+    clock.advance(seconds=60)  # the look arrives a minute later
+    assert store.recover_expired(before=sent) == [(early.id, "pending")]
+    assert store.recover_expired() == [(late.id, "pending")]
+
+
 def test_many_processes_recovering_at_once_take_each_task_once(
     lilota_db_url: str, clock: FakeClock
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from urllib.parse import quote
 
 import pytest
 
@@ -447,3 +448,24 @@ def test_an_attempt_that_ends_after_a_cancellation_request_ends_cancelled(
         100,
     )
     assert first.end_date_time is not None and first.lease_expires_at is None
+
+
+def test_postgres_sessions_end_when_left_idle_in_a_transaction_unless_the_url_says(
+    lilota_postgres_url: str,
+) -> None:
+    # A worker cut off from the network between two statements of a transaction would
+    # otherwise keep its rows locked (its tasks skipped by recovery) until it heals.
+    def setting(url: str) -> str:
+        store = TaskStore(url)
+        try:
+            with store.dialect.engine.connect() as conn:
+                return str(
+                    conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar()
+                )
+        finally:
+            store.dispose()
+
+    assert setting(lilota_postgres_url) == "10s"
+    own = "-c idle_in_transaction_session_timeout=3min"
+    separator = "&" if "?" in lilota_postgres_url else "?"
+    assert setting(f"{lilota_postgres_url}{separator}options={quote(own)}") == "3min"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,67 @@ def test_the_keeper_passes_a_cancellation_on_within_a_heartbeat_of_an_idle_renew
         assert running.cancel_event.wait(timeout=3.0)
     finally:
         keeper.stop()
+
+
+class HangingStore:
+    """The store, whose lease renewals hang for ``hang`` seconds (a network partition:
+    packets vanish, nothing fails) while ``hang`` is set; counts looks for lost tasks."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self._store = store
+        self.hang = 0.0
+        self.looks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def renew_leases(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.hang)
+        return self._store.renew_leases(*args, **kwargs)
+
+    def recover_expired(self, *args: Any, **kwargs: Any) -> Any:
+        self.looks += 1
+        return self._store.recover_expired(*args, **kwargs)
+
+
+def test_after_a_renewal_that_hung_the_keeper_takes_no_tasks_for_a_lease_and_the_outage(
+    store: TaskStore, clock: Any
+) -> None:
+    hanging = HangingStore(store)
+    lease = timedelta(seconds=1)
+    keeper = LeaseKeeper(
+        hanging,  # type: ignore[arg-type]
+        make_loop(store).ledger,
+        worker_id="w",
+        lease=lease,
+        heartbeat=timedelta(seconds=0.05),
+        cancel_grace=timedelta(seconds=10),
+        end_process=lambda code: None,
+    )
+
+    def lost_task() -> int:
+        task_id = store.add(NewTask(name="double", input='{"n": 1}'))
+        store.claim(worker_id="gone", names=["double"], limit=1, lease=LEASE)
+        clock.advance(seconds=31)  # its lease ran out
+        return task_id
+
+    def status(task_id: int) -> TaskStatus:
+        task = store.get(task_id)
+        assert task is not None
+        return task.status
+
+    first = lost_task()
+    assert keeper.renew()  # answered at once: the database was there all along
+    keeper.recover()
+    assert status(first) is TaskStatus.FAILED  # worker lost, no attempt left
+
+    second = lost_task()
+    hanging.hang = 0.3  # longer than a heartbeat
+    began = time.monotonic()
+    assert keeper.renew()
+    keeper.recover()  # the others may have been cut off too: not yet
+    assert (status(second), hanging.looks) == (TaskStatus.RUNNING, 1)
+    # the outage ended (began + 0.3), then a lease and as long again as the outage passed
+    time.sleep(max(0.0, began + 0.3 + lease.total_seconds() + 0.3 + 0.2 - time.monotonic()))
+    keeper.recover()
+    assert status(second) is TaskStatus.FAILED
