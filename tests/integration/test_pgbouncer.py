@@ -52,10 +52,11 @@ def pgbouncer(lilota_postgres: PostgresProvider, lilota_postgres_url: str) -> It
     port = _free_port()
     work = Path(tempfile.mkdtemp(prefix="lilota-pgbouncer-"))
     user = server.username or "postgres"
+    password = f" user={user} password={server.password}" if server.password else ""
     (work / "users.txt").write_text(f'"{user}" ""\n')
     (work / "pgbouncer.ini").write_text(
         f"""[databases]
-{database} = host={server.hostname} port={server.port} dbname={database}
+{database} = host={server.hostname} port={server.port} dbname={database}{password}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
