@@ -22,10 +22,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import execution, serialization
+from lilota import execution, serialization, validation
 from lilota.dialects import Dialect, dialect_for, is_memory_sqlite, parse_url, transaction
 from lilota.dialects import postgres_connect_args as postgres_connect_args
-from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import (
+    DatabaseError,
+    SchemaVersionError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+    TaskNotRetryable,
+)
 from lilota.listeners import Listener
 from lilota.models import FINAL_STATUSES, Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
@@ -456,12 +462,13 @@ class TaskStore:
     @transaction(schema=True)
     def retry(self, conn: Connection, task_id: int) -> None:
         """Schedule a failed or cancelled task again (same id, attempts from zero). Raises
-        :class:`TaskNotFound`, or ``ValueError`` when it is pending, running or completed."""
+        :class:`TaskNotFound`, or :class:`TaskNotRetryable` (a ``ValueError``) when it is
+        pending, running or completed."""
         if conn.execute(self.sql["retry"], {"b_id": task_id, "now": self.clock()}).rowcount:
             self.dialect.notify(conn)
             return
         status = self._status_of(conn, task_id)
-        raise ValueError(
+        raise TaskNotRetryable(
             f"task {task_id} is {status}; only failed or cancelled tasks can be retried"
         )
 
@@ -475,10 +482,12 @@ class TaskStore:
     def cleanup(self, older_than: timedelta) -> int:
         """Delete completed, failed and cancelled tasks that ended more than
         ``older_than`` ago. Never touches pending or running tasks. Returns the count."""
-        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
-            raise ValueError(f"older_than must be a timedelta >= 0, got {older_than!r}")
+        try:  # no task ended before the year 1
+            cutoff = self.clock() - validation.duration(older_than, "older_than")
+        except OverflowError:
+            return 0
         self.ensure_schema()
-        ended = sa.and_(_t.status.in_(FINAL), _t.end_date_time < self.clock() - older_than)
+        ended = sa.and_(_t.status.in_(FINAL), _t.end_date_time < cutoff)
         return self._write(task_table.delete().where(ended))
 
     @transaction(schema=True)
@@ -505,11 +514,11 @@ class TaskStore:
         return [{**r._mapping, "task_names": json.loads(r.task_names)} for r in self._all(query)]
 
     def get(self, task_id: int) -> Task | None:
-        """The task with ``task_id``, or None."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
+        """The task with ``task_id``, or None (InvalidArgumentType for a non-int)."""
+        if (found := validation.task_id(task_id)) is None:
             return None
         self.ensure_schema()
-        rows = self._all(self.sql["get"], {"id": task_id})
+        rows = self._all(self.sql["get"], {"id": found})
         return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
 
     def get_many(self, task_ids: Iterable[int]) -> dict[int, Task]:

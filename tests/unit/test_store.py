@@ -9,7 +9,13 @@ from datetime import timedelta
 import pytest
 
 from conftest import FakeClock
-from lilota.errors import ConfigurationError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import (
+    ConfigurationError,
+    InvalidArgumentType,
+    SchemaVersionError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
 from lilota.models import TaskStatus
 from lilota.store import SCHEMA_VERSION, NewTask, Outcome, TaskStore, parse_url, schema_table
 
@@ -38,7 +44,13 @@ def test_added_task_is_pending_with_its_input(store: TaskStore) -> None:
 
 def test_unknown_id_reads_as_none(store: TaskStore) -> None:
     assert store.get(12345) is None
-    assert store.get("12") is None  # type: ignore[arg-type]
+    assert store.get(2**70) is None  # no task can have it: the same answer on every backend
+
+
+def test_an_id_that_is_not_an_int_is_refused_rather_than_read_as_missing(store: TaskStore) -> None:
+    store.add(NewTask(name="job"))
+    with pytest.raises(InvalidArgumentType, match=r"task_id must be an int, got '1' \(str\)"):
+        store.get("1")  # type: ignore[arg-type]
 
 
 def test_claim_takes_each_task_once(store: TaskStore) -> None:
