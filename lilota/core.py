@@ -78,6 +78,10 @@ class Lilota:
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
         if script_path is not None:
+            if not isinstance(script_path, (str, os.PathLike)):
+                raise ConfigurationError(
+                    f"script_path must be a path (str or os.PathLike), got {script_path!r}"
+                )
             path = os.path.abspath(os.fspath(script_path))
             if not os.path.isfile(path):
                 raise ConfigurationError(
@@ -101,6 +105,8 @@ class Lilota:
             cancel_grace=cancel_grace,
             async_concurrency=async_concurrency,
             cpu_bound_processes=cpu_bound_processes,
+            startup_timeout=startup_timeout,
+            registry=registry,
         )
         self.lease = lease
         self.cancel_grace = cancel_grace

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from lilota.errors import ConfigurationError
+from lilota.registry import Registry
 from lilota.validation import check_int
 
 ENV_DB_URL = "LILOTA_DB_URL"  # the database when no db_url is given
@@ -116,10 +117,25 @@ def check_overrides(
     cancel_grace: object = None,
     async_concurrency: object = None,
     cpu_bound_processes: object = None,
+    startup_timeout: object = None,
+    registry: object = None,
 ) -> None:
-    """Check the worker settings a ``Lilota`` or ``LilotaWorker`` was given (None: not
-    given) when it is made, rather than when its workers start. Raises
-    :class:`ConfigurationError` naming the setting."""
+    """Check the settings a ``Lilota`` or ``LilotaWorker`` was given (None: not given) when
+    it is made, rather than when its workers start. Raises :class:`ConfigurationError`
+    naming the setting."""
+    if registry is not None and not isinstance(registry, Registry):
+        raise ConfigurationError(
+            f"registry must be a lilota Registry (another instance's .registry), "
+            f"got {type(registry).__name__}"
+        )
+    if startup_timeout is not None and (
+        isinstance(startup_timeout, bool)
+        or not isinstance(startup_timeout, (int, float))
+        or not startup_timeout > 0
+    ):
+        raise ConfigurationError(
+            f"startup_timeout must be a number of seconds > 0, got {startup_timeout!r}"
+        )
     if lease is not None and (not isinstance(lease, timedelta) or lease <= timedelta(0)):
         raise ConfigurationError(f"lease must be a positive timedelta, got {lease!r}")
     if cancel_grace is not None and (

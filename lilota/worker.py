@@ -403,6 +403,7 @@ class LilotaWorker:
             cancel_grace=cancel_grace,
             async_concurrency=async_concurrency,
             cpu_bound_processes=cpu_bound_processes,
+            registry=registry,
         )
         self.set_progress_manually = set_progress_manually
         self.registry = registry if registry is not None else Registry()

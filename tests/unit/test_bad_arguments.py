@@ -444,20 +444,34 @@ rows(
     "Lilota: bad settings",
     ConfigurationError,
     "^(number_of_workers must be an int >= 0|lease must be a positive timedelta"
-    "|cancel_grace must be a timedelta >= 0)",
+    "|cancel_grace must be a timedelta >= 0|script_path must be a path|db_url must be a string)",
     [
+        lambda e: Lilota(5),
+        lambda e: Lilota(e.url, script_path=5),
         lambda e: Lilota(e.url, number_of_workers=-1),
         lambda e: Lilota(e.url, lease=5),
         lambda e: Lilota(e.url, cancel_grace=timedelta(seconds=-1)),
     ],
 )
 rows(
+    "Lilota: startup_timeout or registry of the wrong kind",
+    ConfigurationError,
+    "^(startup_timeout must be a number of seconds > 0|registry must be a lilota Registry)",
+    [
+        lambda e: Lilota(e.url, startup_timeout="1m"),
+        lambda e: Lilota(e.url, startup_timeout=0),
+        lambda e: Lilota(e.url, registry={"add": add}),
+    ],
+)
+rows(
     "LilotaWorker: bad settings, refused when it is made",
     ConfigurationError,
-    "^(lease must be a positive timedelta|async_concurrency must be an int >= 1)",
+    "^(lease must be a positive timedelta|async_concurrency must be an int >= 1"
+    "|registry must be a lilota Registry)",
     [
         lambda e: LilotaWorker(e.url, lease="30s"),
         lambda e: LilotaWorker(e.url, async_concurrency=0),
+        lambda e: LilotaWorker(e.url, registry=[add]),
     ],
 )
 rows(
