@@ -22,16 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import execution, serialization, validation
+from lilota import errors, execution, serialization, validation
 from lilota.dialects import Dialect, dialect_for, is_memory_sqlite, parse_url, transaction
 from lilota.dialects import postgres_connect_args as postgres_connect_args
-from lilota.errors import (
-    DatabaseError,
-    SchemaVersionError,
-    TaskAlreadyFinished,
-    TaskNotFound,
-    TaskNotRetryable,
-)
+from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
 from lilota.listeners import Listener
 from lilota.models import FINAL_STATUSES, Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
@@ -462,13 +456,12 @@ class TaskStore:
     @transaction(schema=True)
     def retry(self, conn: Connection, task_id: int) -> None:
         """Schedule a failed or cancelled task again (same id, attempts from zero). Raises
-        :class:`TaskNotFound`, or :class:`TaskNotRetryable` (a ``ValueError``) when it is
-        pending, running or completed."""
+        :class:`TaskNotFound`, or :class:`TaskNotRetryable` when pending, running or completed."""
         if conn.execute(self.sql["retry"], {"b_id": task_id, "now": self.clock()}).rowcount:
             self.dialect.notify(conn)
             return
         status = self._status_of(conn, task_id)
-        raise TaskNotRetryable(
+        raise errors.TaskNotRetryable(
             f"task {task_id} is {status}; only failed or cancelled tasks can be retried"
         )
 
@@ -482,10 +475,7 @@ class TaskStore:
     def cleanup(self, older_than: timedelta) -> int:
         """Delete completed, failed and cancelled tasks that ended more than
         ``older_than`` ago. Never touches pending or running tasks. Returns the count."""
-        try:  # no task ended before the year 1
-            cutoff = self.clock() - validation.duration(older_than, "older_than")
-        except OverflowError:
-            return 0
+        cutoff = validation.before(self.clock(), older_than, "older_than")
         self.ensure_schema()
         ended = sa.and_(_t.status.in_(FINAL), _t.end_date_time < cutoff)
         return self._write(task_table.delete().where(ended))

@@ -111,6 +111,16 @@ def duration(value: object, name: str, *, negative: bool = False) -> timedelta:
     return value
 
 
+def before(now: datetime, older_than: object, name: str) -> datetime:
+    """``now - older_than`` for a timedelta >= 0 (``datetime.min`` when that is before the
+    year 1: nothing is older)."""
+    delta = duration(older_than, name)
+    try:
+        return now - delta
+    except OverflowError:
+        return datetime.min
+
+
 def when(run_at: object, delay: object, clock: Callable[[], datetime] | None) -> datetime | None:
     """The naive UTC time a new task is due (None: at once), from ``run_at`` (naive means
     UTC) or ``delay`` counted from ``clock()``. Raises :class:`InvalidArgument` for both at

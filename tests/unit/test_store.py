@@ -283,6 +283,13 @@ def test_cleanup_deletes_only_old_finished_tasks(store: TaskStore, clock: FakeCl
         store.cleanup(-timedelta(days=1))
 
 
+def test_cleanup_older_than_any_date_deletes_nothing(store: TaskStore, clock: FakeClock) -> None:
+    store.cancel(store.add(NewTask(name="job")))
+    clock.advance(days=1)
+    assert store.cleanup(timedelta.max) == 0  # before the year 1: nothing ended then
+    assert store.cleanup(timedelta(0)) == 1
+
+
 def test_unique_key_returns_the_active_task(store: TaskStore) -> None:
     first = store.add(NewTask(name="job", unique_key="report-7"))
     assert store.add(NewTask(name="job", unique_key="report-7")) == first
