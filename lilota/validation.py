@@ -35,6 +35,12 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _int_rule(minimum: int | None, maximum: int | None) -> str:
+    if maximum is None:
+        return "an int" if minimum is None else f"an int >= {minimum}"
+    return f"an int <= {maximum}" if minimum is None else f"an int from {minimum} to {maximum}"
+
+
 def check_int(
     value: object,
     name: str,
@@ -46,15 +52,14 @@ def check_int(
     """Return ``value`` if it is an int (a bool is not) in ``minimum..maximum`` (a bound
     None is open); else raise ``error`` (default: :class:`InvalidArgumentType` for a
     non-int, :class:`InvalidArgument` for an int out of range) naming ``name``."""
-    low = "" if minimum is None else f" >= {minimum}"
-    if maximum is not None:
-        low = f" from {minimum} to {maximum}" if minimum is not None else f" <= {maximum}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise (error or InvalidArgumentType)(
-            f"{name} must be an int{low}, got {value!r} ({_type_name(value)})"
+            f"{name} must be {_int_rule(minimum, maximum)}, got {value!r} ({_type_name(value)})"
         )
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise (error or InvalidArgument)(f"{name} must be an int{low}, got {value!r}")
+        raise (error or InvalidArgument)(
+            f"{name} must be {_int_rule(minimum, maximum)}, got {value!r}"
+        )
     return value
 
 
