@@ -2,8 +2,12 @@
 
 All of them derive from :class:`LilotaError`, so ``except LilotaError`` catches anything
 lilota itself refuses. Where a built-in exception is the natural thing to catch
-(``ValueError`` for a bad value, ``KeyError`` for an unknown name), the lilota class also
-derives from it, so existing handlers keep working.
+(``ValueError`` for a bad value, ``TypeError`` for a wrong type, ``KeyError`` for an
+unknown name), the lilota class also derives from it, so existing handlers keep working.
+
+A bad argument of a public call is an :class:`InvalidArgument` (out of range) or an
+:class:`InvalidArgumentType` (wrong type) naming it, checked by :mod:`lilota.validation`
+before anything is written, with the same class and message on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
