@@ -8,18 +8,21 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from lilota.errors import ConfigurationError, LilotaStopped, WorkerAlreadyStarted, require_int
+from lilota import validation
+from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound, WorkerAlreadyStarted
 from lilota.models import Task, TaskStatus
-from lilota.registry import Registry, new_task
+from lilota.registry import Registry, check_options, new_task
 from lilota.settings import (
     DEFAULT_DB_URL,
     ENV_SETTINGS,
     WorkerSettings,
+    check_overrides,
     default_db_url,
     set_logging_level,
 )
@@ -33,6 +36,7 @@ from lilota.supervisor import (
     is_worker_process,
     wait_until_finished,
 )
+from lilota.validation import check_int
 from lilota.worker import LilotaWorker
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,10 @@ class Lilota:
         self.db_url = str(db_url)
         self._url = parse_url(db_url)
         if script_path is not None:
+            if not isinstance(script_path, (str, os.PathLike)):
+                raise ConfigurationError(
+                    f"script_path must be a path (str or os.PathLike), got {script_path!r}"
+                )
             path = os.path.abspath(os.fspath(script_path))
             if not os.path.isfile(path):
                 raise ConfigurationError(
@@ -85,29 +93,24 @@ class Lilota:
             self.script_path = None
         if number_of_workers is None:
             number_of_workers = os.cpu_count() or 1
-        self.number_of_workers = require_int(
-            number_of_workers, "number_of_workers", 0, ConfigurationError
+        self.number_of_workers = check_int(
+            number_of_workers, "number_of_workers", 0, error=ConfigurationError
         )
         self.set_progress_manually = bool(set_progress_manually)
         # Worker settings (None: the default of lilota.worker.WorkerSettings): how long a
-        # task's claim lasts without renewal (30 s), and how long a running task gets to
-        # stop by itself after cancel() before its process is replaced (10 s).
-        if lease is not None and (not isinstance(lease, timedelta) or lease <= timedelta(0)):
-            raise ConfigurationError(f"lease must be a positive timedelta, got {lease!r}")
-        if cancel_grace is not None and (
-            not isinstance(cancel_grace, timedelta) or cancel_grace < timedelta(0)
-        ):
-            raise ConfigurationError(f"cancel_grace must be a timedelta >= 0, got {cancel_grace!r}")
+        # task's claim lasts without renewal (30 s), how long a running task gets to stop
+        # by itself after cancel() before its process is replaced (10 s), and per worker
+        # process, async tasks at once (10) and pool processes for cpu_bound tasks (1).
+        check_overrides(
+            lease=lease,
+            cancel_grace=cancel_grace,
+            async_concurrency=async_concurrency,
+            cpu_bound_processes=cpu_bound_processes,
+            startup_timeout=startup_timeout,
+            registry=registry,
+        )
         self.lease = lease
         self.cancel_grace = cancel_grace
-        # Per worker process: async tasks at once (default 10), pool processes for
-        # cpu_bound tasks (default 1); see lilota.worker.WorkerSettings.
-        for option, value in (
-            ("async_concurrency", async_concurrency),
-            ("cpu_bound_processes", cpu_bound_processes),
-        ):
-            if value is not None:
-                require_int(value, option, 1, ConfigurationError)
         self.async_concurrency = async_concurrency
         self.cpu_bound_processes = cpu_bound_processes
         self.startup_timeout = startup_timeout
@@ -279,6 +282,7 @@ class Lilota:
         their leases expire. An instance without workers stops at once. After stop(),
         ``schedule`` raises :class:`~lilota.errors.LilotaStopped`; reading still works.
         """
+        timeout = validation.seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         supervisor, self._supervisor = self._supervisor, None
         self._stopped = True
@@ -352,8 +356,11 @@ class Lilota:
         name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
         input that does not fit the input model, :class:`~lilota.errors.SerializationError`
         for input that cannot be stored as JSON, :class:`~lilota.errors.DatabaseUnavailable`,
-        and ``ValueError`` for a bad argument (``run_at`` with ``delay``, a ``priority``
-        that is not an int...). The checks are :func:`lilota.registry.new_task`'s.
+        :class:`~lilota.errors.InvalidArgumentType` for an argument of the wrong type (a
+        ``priority`` that is not an int...) and :class:`~lilota.errors.InvalidArgument` for
+        one out of range (``run_at`` with ``delay``, a ``priority`` beyond 32 bits, a
+        ``delay`` past the year 9999...), alike on every database. The checks are
+        :func:`lilota.registry.new_task`'s.
         """
         self._check_open()
         task = new_task(
@@ -385,10 +392,16 @@ class Lilota:
     ) -> list[int]:
         """Schedule one task per input in a single statement; returns their ids in order.
 
-        Every input is checked first: one bad input raises and none is stored.
+        Every input is checked first: one bad input raises and none is stored. Raises as
+        :meth:`schedule` does, and :class:`~lilota.errors.InvalidArgumentType` for
+        ``inputs`` that are not an iterable (or are a str, bytes or a mapping).
         """
         self._check_open()
         known_names = self._known_names()
+        values = validation.inputs(inputs)
+        options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
+        # The same checks with no input: a bad option is refused even for an empty list.
+        check_options(name, known_names=known_names, clock=self._clock, **options)
         tasks = [
             new_task(
                 name,
@@ -396,12 +409,10 @@ class Lilota:
                 registry=self.registry,
                 known_names=known_names,
                 clock=self._clock,
-                run_at=run_at,
-                delay=delay,
-                priority=priority,
                 max_attempts=max_attempts,
+                **options,
             )
-            for value in inputs
+            for value in values
         ]
         ids = self.store.add_many(tasks)
         self._remember(ids)
@@ -422,26 +433,37 @@ class Lilota:
 
     # ------------------------------------------------------------------ reading
 
-    def get_task_by_id(self, task_id: int) -> Task | None:
-        """The task as stored now, or None if there is no task with that id."""
-        return self.store.get(task_id)
+    def get_task_by_id(self, task_id: int | str | uuid.UUID) -> Task | None:
+        """The task as stored now, or None if there is no task with that id (an int no
+        task can have included). A UUID (or its text) finds a task moved over from lilota
+        1.x (``lilota migrate --from-1x``) by its 1.x id. Raises
+        :class:`~lilota.errors.InvalidArgumentType` for another id that is not an int
+        (``"1"``, ``1.5``, ``None``, ``True``)."""
+        found = validation.task_key(task_id)
+        return None if found is None else self.store.get(found)
 
     def get_tasks(
         self, *, status: str | TaskStatus | None = None, name: str | None = None, limit: int = 50
     ) -> list[Task]:
-        """Tasks newest first, optionally only one status and/or name."""
-        return self.store.list_tasks(
-            status=None if status is None else str(status), name=name, limit=limit
-        )
+        """Tasks newest first, optionally only one status and/or name; at most ``limit``
+        (an int >= 0). Raises :class:`~lilota.errors.InvalidArgumentType` for an argument
+        of the wrong type, :class:`~lilota.errors.InvalidArgument` for an unknown status or
+        a negative ``limit``."""
+        wanted = validation.status(status)
+        validation.optional_str(name, "name")
+        validation.check_int(limit, "limit", 0, validation.MAX_ID)
+        return self.store.list_tasks(status=wanted, name=name, limit=limit)
 
     def wait(self, task_id: int, timeout: float | None = None) -> Task:
         """Block until the task is completed, failed or cancelled; return it.
 
-        Raises TimeoutError after ``timeout`` seconds and
-        :class:`~lilota.errors.TaskNotFound` for an unknown id.
+        Raises TimeoutError after ``timeout`` seconds,
+        :class:`~lilota.errors.TaskNotFound` for an unknown id, and
+        :class:`~lilota.errors.InvalidArgumentType` / :class:`~lilota.errors.InvalidArgument`
+        for an id that is not an int or a ``timeout`` that is not a number >= 0.
         """
-        from lilota.errors import TaskNotFound
-
+        validation.task_id(task_id)
+        timeout = validation.seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
@@ -468,18 +490,31 @@ class Lilota:
         cancelled and is not retried. If it has not ended within the grace period
         (``cancel_grace``, default 10 s) its process is replaced and it ends cancelled.
 
-        Raises :class:`~lilota.errors.TaskNotFound`, and
-        :class:`~lilota.errors.TaskAlreadyFinished` for a completed, failed or cancelled task.
+        Raises :class:`~lilota.errors.TaskNotFound` (an int no task has),
+        :class:`~lilota.errors.TaskAlreadyFinished` for a completed, failed or cancelled
+        task, :class:`~lilota.errors.InvalidArgumentType` for an id that is not an int.
         """
-        return self.store.cancel(task_id)
+        return self.store.cancel(self._existing_id(task_id))
 
     def retry(self, task_id: int) -> None:
-        """Schedule a failed or cancelled task again, keeping its id."""
-        self.store.retry(task_id)
+        """Schedule a failed or cancelled task again, keeping its id. Raises
+        :class:`~lilota.errors.TaskNotFound`, :class:`~lilota.errors.TaskNotRetryable` for a
+        pending, running or completed task, :class:`~lilota.errors.InvalidArgumentType`
+        for an id that is not an int."""
+        self.store.retry(self._existing_id(task_id))
+
+    @staticmethod
+    def _existing_id(task_id: object) -> int:
+        found = validation.task_id(task_id)
+        if found is None:  # no task can have it: what the store says of a missing id
+            raise TaskNotFound(f"no task with id {task_id}")
+        return found
 
     def cleanup(self, older_than: timedelta) -> int:
-        """Delete finished tasks that ended more than ``older_than`` ago; returns how many."""
-        return self.store.cleanup(older_than)
+        """Delete finished tasks that ended more than ``older_than`` ago; returns how many.
+        Raises :class:`~lilota.errors.InvalidArgumentType` for ``older_than`` that is not a
+        timedelta, :class:`~lilota.errors.InvalidArgument` for a negative one."""
+        return self.store.cleanup(validation.duration(older_than, "older_than"))
 
     @property
     def worker_pids(self) -> list[int]:

@@ -2,21 +2,17 @@
 
 All of them derive from :class:`LilotaError`, so ``except LilotaError`` catches anything
 lilota itself refuses. Where a built-in exception is the natural thing to catch
-(``ValueError`` for a bad value, ``KeyError`` for an unknown name), the lilota class also
-derives from it, so existing handlers keep working.
+(``ValueError`` for a bad value, ``TypeError`` for a wrong type, ``KeyError`` for an
+unknown name), the lilota class also derives from it, so existing handlers keep working.
+
+A bad argument of a public call is an :class:`InvalidArgument` (out of range) or an
+:class:`InvalidArgumentType` (wrong type) naming it, checked by :mod:`lilota.validation`
+before anything is written, with the same class and message on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import enum
-
-
-def require_int(value: object, name: str, minimum: int, error: type[Exception] = ValueError) -> int:
-    """Return ``value`` if it is an int (a bool is not) >= ``minimum``; else raise ``error``
-    with the message "``name`` must be an int >= ``minimum``, got ``value``"."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise error(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class WorkerExit(enum.IntEnum):
@@ -58,8 +54,27 @@ class SerializationError(LilotaError, TypeError):
     """A value cannot be stored as JSON; the message names the field (``input.items[2]``)."""
 
 
-class InvalidInput(LilotaError, ValueError):
+class InvalidArgument(LilotaError, ValueError):
+    """An argument of a public call is out of its range or otherwise refused: a
+    ``priority`` beyond a 32-bit int, a ``delay`` that ends past the year 9999, a negative
+    ``limit``, a ``unique_key`` of 300 characters, text with NUL. The message names the
+    argument. Raised alike on SQLite and PostgreSQL, before anything is written."""
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of a public call has the wrong type (``priority="high"``,
+    ``get_task_by_id("1")``); the message names the argument and the type it takes. Also a
+    ``ValueError`` (through :class:`InvalidArgument`) and a ``TypeError``, so either
+    ``except`` catches it."""
+
+
+class InvalidInput(InvalidArgument):
     """The input does not fit the task's ``input_model``; the message names the field."""
+
+
+class TaskNotRetryable(LilotaError, ValueError):
+    """``retry()`` of a task that is pending, running or completed (only failed or cancelled
+    tasks can be retried)."""
 
 
 class TaskNotFound(LilotaError, LookupError):

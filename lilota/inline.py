@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from lilota.validation import check_int
+
 if TYPE_CHECKING:
     from lilota.core import Lilota
     from lilota.models import Outcome, Task
@@ -100,8 +102,8 @@ def run_pending(
     """
     __tracebackhide__ = True
     wanted = _inline_names(lilota, names)
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit!r}")
+    if limit is not None:
+        check_int(limit, "limit", 0)
     store = lilota.store
     store.ensure_schema()
     from datetime import timedelta

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
-from lilota.errors import TaskCancelled
+from lilota.errors import InvalidArgument, InvalidArgumentType, TaskCancelled
 
 
 class TaskStatus(str, Enum):
@@ -235,14 +235,16 @@ class Task:
 
 
 def check_percentage(percentage: object) -> int:
-    """Return ``percentage`` if it is an int in 0..100, else raise a ValueError naming it."""
+    """Return ``percentage`` if it is an int in 0..100, else raise an
+    :class:`~lilota.errors.InvalidArgumentType` (not an int) or
+    :class:`~lilota.errors.InvalidArgument` (out of range), both ``ValueError``s."""
     if isinstance(percentage, bool) or not isinstance(percentage, int):
-        raise ValueError(
+        raise InvalidArgumentType(
             f"progress must be an int from 0 to 100, got {percentage!r} "
             f"({type(percentage).__name__})"
         )
     if not 0 <= percentage <= 100:
-        raise ValueError(f"progress must be from 0 to 100, got {percentage}")
+        raise InvalidArgument(f"progress must be from 0 to 100, got {percentage}")
     return percentage
 
 
@@ -271,7 +273,8 @@ class TaskProgress:
         return self._value
 
     def set(self, percentage: int) -> None:
-        """Record ``percentage`` (int, 0..100). Raises ValueError for anything else."""
+        """Record ``percentage`` (int, 0..100). Raises
+        :class:`~lilota.errors.InvalidArgument` (a ``ValueError``) for anything else."""
         percentage = check_percentage(percentage)
         if percentage != self._value:
             self._write(percentage)
@@ -377,19 +380,19 @@ def to_naive_utc(value: datetime) -> datetime:
 
 
 def _check_text(field: str, value: object) -> None:
-    """Raise ValueError naming ``field`` if ``value`` cannot be stored in a text column."""
+    """Raise InvalidArgument naming ``field`` if ``value`` cannot be stored in a text column."""
     if not isinstance(value, str) or (value.isascii() and "\x00" not in value):
         return
     nul = value.find("\x00")
     if nul >= 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"{field} contains a NUL character ('\\x00') at index {nul}: PostgreSQL cannot "
             "store it in a text column, so lilota refuses it on every database"
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(
+        raise InvalidArgument(
             f"{field} contains the lone surrogate {value[e.start]!r} at index {e.start}: "
             "it is not valid Unicode text and no database can store it"
         ) from None

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import inspect
 import random
-import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, get_type_hints
 
-from lilota import serialization
+from lilota import serialization, validation
 from lilota.context import TaskContext
-from lilota.errors import (
-    InvalidInput,
-    NoRetry,
-    RegistrationError,
-    TaskAlreadyRegistered,
-    TaskNotRegistered,
-    require_int,
-)
+from lilota.errors import NoRetry, RegistrationError, TaskAlreadyRegistered, TaskNotRegistered
 from lilota.models import DEFAULT_MAX_RECOVERIES, NewTask, TaskProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# Task names go into logs, URLs and CLI arguments: keep them printable and bounded.
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,200}$")
 
 # Longest back-off between two attempts of a failing task. Without a cap the exponential
 # delay of attempt 20 would be weeks; an hour keeps a flapping dependency from being
@@ -39,9 +28,10 @@ MAX_RETRY_DELAY = timedelta(hours=1)
 # this says, up to max_recoveries times (lilota.models.DEFAULT_MAX_RECOVERIES).
 DEFAULT_MAX_ATTEMPTS = 1
 
-# Longest unique_key: the width of its column (String(255) in lilota.store), checked here so
-# that every backend refuses a longer key alike (SQLite would store it, PostgreSQL not).
-MAX_UNIQUE_KEY = 255
+# Longest unique_key: the width of its column (String(255) in lilota.store), checked by
+# lilota.validation so that every backend refuses a longer key alike (SQLite would store
+# it, PostgreSQL not).
+MAX_UNIQUE_KEY = validation.MAX_UNIQUE_KEY
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,16 +197,19 @@ class Registry:
         Raises :class:`TaskAlreadyRegistered` for a name registered before and
         :class:`RegistrationError` for a function or model that cannot be used.
         """
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise RegistrationError(
-                f"task name must be 1-200 characters of letters, digits and _ . : - /, got {name!r}"
-            )
+        if not isinstance(name, str) or not validation.NAME_RE.match(name):
+            raise RegistrationError(f"task name must be {validation.NAME_RULE}, got {name!r}")
         serialization.check_model(input_model, role="input_model")
         serialization.check_model(output_model, role="output_model")
         if task_progress is not None and task_progress is not TaskProgress:
             raise RegistrationError(f"task_progress must be TaskProgress, got {task_progress!r}")
-        require_int(max_attempts, "max_attempts", 1, RegistrationError)
-        require_int(max_recoveries, "max_recoveries", 0, RegistrationError)
+        # The column is a 32-bit INTEGER on PostgreSQL.
+        validation.check_int(
+            max_attempts, "max_attempts", 1, validation.INT32_MAX, error=RegistrationError
+        )
+        validation.check_int(
+            max_recoveries, "max_recoveries", 0, validation.INT32_MAX, error=RegistrationError
+        )
         retry_kinds = _exception_types(retry_on)
         delay = _as_timedelta(retry_delay, "retry_delay")
         assert delay is not None
@@ -343,48 +336,41 @@ def new_task(
 
     The one way every caller makes a task (``Lilota.schedule``/``schedule_many``,
     ``TaskContext.schedule``, periodic ticks, the legacy ``TaskRunner.add``). The cheap
-    checks come first, then the input is serialized: with the input model of ``name``
-    when ``registry`` holds it (checked as the worker will rebuild it), else as plain JSON.
+    checks come first (:func:`check_options`), then the input is serialized: with the
+    input model of ``name`` when ``registry`` holds it (checked as the worker will rebuild
+    it), else as plain JSON.
 
-    ``known_names``: when given, a name not in it is refused; None accepts any name (it is
-    stored for workers that know it). ``clock`` gives naive UTC now; it is needed (and
-    called) only for a ``delay``. ``max_attempts`` None means the registered value (1 for
-    a task not registered here).
+    ``known_names``: when given, a name not in it is refused; None accepts any name a task
+    can be registered under (it is stored for workers that know it). ``clock`` gives naive
+    UTC now; it is needed (and called) only for a ``delay``. ``max_attempts`` None means
+    the registered value (1 for a task not registered here).
 
-    Raises, in this order: :class:`~lilota.errors.TaskNotRegistered` for a name that is not
-    a string or not known; ``ValueError`` for ``run_at`` with ``delay``, a ``run_at`` that
-    is not a datetime, a ``delay`` that is not a timedelta, a ``priority`` that is not an
-    int, a ``unique_key`` that is not 1-255 characters, a ``max_attempts`` below 1;
-    :class:`~lilota.errors.InvalidInput` for a ``description`` that is not a string;
-    then :class:`~lilota.errors.InvalidInput` and
-    :class:`~lilota.errors.SerializationError` for the input; ``ValueError`` for text no
-    database can store (NUL, lone surrogates).
+    Raises, in this order, writing nothing: the errors of :func:`check_options`; then
+    :class:`~lilota.errors.InvalidInput` and :class:`~lilota.errors.SerializationError`
+    for the input; :class:`~lilota.errors.InvalidArgument` for text no database can store
+    (NUL, lone surrogates).
     """
-    _check_name(name, known_names)
-    _check_when(run_at, delay)
-    _check_options(priority, unique_key, description)
-    if max_attempts is not None:
-        require_int(max_attempts, "max_attempts", 1)
+    options = check_options(
+        name,
+        known_names=known_names,
+        clock=clock,
+        run_at=run_at,
+        delay=delay,
+        priority=priority,
+        unique_key=unique_key,
+        description=description,
+        max_attempts=max_attempts,
+    )
     definition = registry.find(name) if registry is not None else None
     if definition is not None:
         text = serialization.prepare(input, definition.input_model, root="input")
     else:
         text = serialization.dumps(input, root="input")
-    if delay is not None:
-        if clock is None:
-            raise TypeError("new_task() needs a clock to turn a delay into a time")
-        run_at = clock() + delay
-
+    if options["max_attempts"] is None:
+        options["max_attempts"] = effective_max_attempts(definition)
+    recoveries = DEFAULT_MAX_RECOVERIES if definition is None else definition.max_recoveries
     return NewTask(
-        name=name,
-        input=text,
-        run_at=run_at,
-        priority=priority,
-        max_attempts=effective_max_attempts(definition) if max_attempts is None else max_attempts,
-        max_recoveries=DEFAULT_MAX_RECOVERIES if definition is None else definition.max_recoveries,
-        description=description,
-        unique_key=unique_key,
-        schedule_key=schedule_key,
+        name=name, input=text, schedule_key=schedule_key, max_recoveries=recoveries, **options
     )
 
 
@@ -402,34 +388,48 @@ def _exception_types(retry_on: object) -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-def _check_name(name: object, known_names: Collection[str] | None) -> None:
+def check_options(
+    name: object,
+    *,
+    known_names: Collection[str] | None = None,
+    clock: Callable[[], datetime] | None = None,
+    run_at: object = None,
+    delay: object = None,
+    priority: object = 0,
+    unique_key: object = None,
+    description: object = None,
+    max_attempts: object = None,
+) -> dict[str, Any]:
+    """Check every argument of a new task but its input; return the row's values for
+    them (``run_at`` naive UTC or None, ``max_attempts`` None when not given).
+
+    Every value is checked against the PostgreSQL column that stores it (a 32-bit
+    ``priority``, a ``max_attempts`` of 1..2**31-1, a ``unique_key`` of 1-255
+    characters), so SQLite and PostgreSQL refuse the same calls alike. Raises
+    :class:`~lilota.errors.InvalidArgumentType` for a wrong type (a name that is not a
+    str, a ``run_at`` that is not a datetime, a ``priority`` that is not an int...),
+    :class:`~lilota.errors.TaskNotRegistered` for a name not in ``known_names``,
+    :class:`~lilota.errors.InvalidArgument` for a value out of range (a name no task can be
+    registered under, ``run_at`` with ``delay``, a time past the year 9999...).
+    """
     if not isinstance(name, str):
-        raise TaskNotRegistered(f"a task name is a string, got {name!r}")
+        validation.task_name(name)
     if known_names is not None and name not in known_names:
         raise TaskNotRegistered(
             f"no task named {name!r} is registered (registered: {', '.join(sorted(known_names))})"
         )
-
-
-def _check_when(run_at: object, delay: object) -> None:
-    if run_at is not None and delay is not None:
-        raise ValueError("pass run_at or delay, not both")
-    if run_at is not None and not isinstance(run_at, datetime):
-        raise ValueError(f"run_at must be a datetime, got {run_at!r}")
-    if delay is not None and not isinstance(delay, timedelta):
-        raise ValueError(f"delay must be a timedelta, got {delay!r}")
-
-
-def _check_options(priority: object, unique_key: object, description: object) -> None:
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ValueError(f"priority must be an int, got {priority!r}")
-    if unique_key is not None and (
-        not isinstance(unique_key, str) or not 0 < len(unique_key) <= MAX_UNIQUE_KEY
-    ):
-        raise ValueError(
-            f"unique_key must be a string of 1-{MAX_UNIQUE_KEY} characters, got {unique_key!r}"
+    validation.task_name(name)
+    when = validation.when(run_at, delay, clock)
+    int32 = validation.INT32_MIN, validation.INT32_MAX
+    values: dict[str, Any] = {
+        "run_at": when,
+        "priority": validation.check_int(priority, "priority", *int32),
+        "unique_key": validation.unique_key(unique_key),
+        "description": validation.optional_str(description, "description"),
+        "max_attempts": None,
+    }
+    if max_attempts is not None:
+        values["max_attempts"] = validation.check_int(
+            max_attempts, "max_attempts", 1, validation.INT32_MAX
         )
-    if description is not None and not isinstance(description, str):
-        raise InvalidInput(
-            f"description must be a string or None, got {type(description).__name__}"
-        )
+    return values

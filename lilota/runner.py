@@ -24,14 +24,13 @@ from multiprocessing.managers import BaseProxy
 from types import TracebackType
 from typing import Any
 
-from lilota import execution
+from lilota import execution, validation
 from lilota.errors import (
     ConfigurationError,
     DatabaseError,
     LilotaStopped,
     RegistrationError,
     TaskNotRegistered,
-    require_int,
 )
 from lilota.legacy import ClassRef, LegacyCall, TaskBase, registry_of
 from lilota.models import Task, TaskStatus
@@ -40,6 +39,7 @@ from lilota.settings import set_logging_level
 from lilota.store import TaskStore
 from lilota.stores import DatabaseTaskStore, MemoryTaskStore
 from lilota.supervisor import Supervisor, is_worker_process, wait_until_finished
+from lilota.validation import check_int
 from lilota.worker import LilotaWorker
 
 log = logging.getLogger(__name__)
@@ -222,15 +222,15 @@ class TaskRunner:
                 raise ConfigurationError(
                     "give number_of_workers or number_of_processes (its earlier name), not both"
                 )
-            number_of_workers = require_int(
-                number_of_processes, "number_of_processes", 1, ConfigurationError
+            number_of_workers = check_int(
+                number_of_processes, "number_of_processes", 1, error=ConfigurationError
             )
         set_logging_level(logging_level)
         self._database, self._memory = _database_of(store)
         if number_of_workers is None:
             number_of_workers = os.cpu_count() or 1
-        number_of_workers = require_int(
-            number_of_workers, "number_of_workers", 1, ConfigurationError
+        number_of_workers = check_int(
+            number_of_workers, "number_of_workers", 1, error=ConfigurationError
         )
         self.store = store
         self.number_of_workers = number_of_workers
@@ -351,6 +351,7 @@ class TaskRunner:
         task). Afterwards ``add()`` raises :class:`~lilota.errors.LilotaStopped` until
         ``start()`` is called again.
         """
+        timeout = validation.seconds(timeout, "timeout")
         with self._lock:
             supervisor, self._supervisor = self._supervisor, None
             logs, self._logs = self._logs, None
@@ -409,11 +410,13 @@ class TaskRunner:
         a dict); the task reads it back as ``self.task_info.input``. Raises, storing
         nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown name,
         :class:`~lilota.errors.LilotaStopped` after ``stop()``,
-        :class:`~lilota.errors.SerializationError` for input that cannot be stored.
+        :class:`~lilota.errors.SerializationError` for input that cannot be stored,
+        :class:`~lilota.errors.InvalidArgumentType` for a name or ``description`` that is
+        not a str (the checks of :func:`lilota.registry.new_task`).
         """
         if self._stopped:
             raise LilotaStopped("this TaskRunner was stopped; call start() again to add tasks")
-        if not isinstance(name, str) or name not in self._classes:
+        if isinstance(name, str) and name not in self._classes:
             known = ", ".join(sorted(self._classes)) or "none"
             raise TaskNotRegistered(
                 f"no task named {name!r} is registered with this TaskRunner (registered: {known})"

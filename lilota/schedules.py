@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from croniter import croniter
 
-from lilota.errors import DatabaseError, LilotaError
+from lilota.errors import DatabaseError, InvalidArgument, InvalidArgumentType, LilotaError
 from lilota.registry import new_task
 
 if TYPE_CHECKING:
@@ -92,13 +92,15 @@ class Schedule(abc.ABC):
         if self.max_lateness is not None and (
             not isinstance(self.max_lateness, timedelta) or self.max_lateness <= timedelta(0)
         ):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{maker}(max_lateness=) takes a positive timedelta, got {self.max_lateness!r}"
             )
         if not isinstance(self.catch_up, bool):
-            raise TypeError(f"{maker}(catch_up=) takes True or False, got {self.catch_up!r}")
+            raise InvalidArgumentType(
+                f"{maker}(catch_up=) takes True or False, got {self.catch_up!r}"
+            )
         if self.catch_up and self.max_lateness is not None:
-            raise ValueError(f"{maker}() takes max_lateness= or catch_up=True, not both")
+            raise InvalidArgument(f"{maker}() takes max_lateness= or catch_up=True, not both")
 
     def _options_repr(self) -> str:
         if self.catch_up:
@@ -118,9 +120,11 @@ class Every(Schedule):
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, timedelta):
-            raise TypeError(f"every() takes a timedelta, got {self.interval!r}")
+            raise InvalidArgumentType(f"every() takes a timedelta, got {self.interval!r}")
         if self.interval < timedelta(milliseconds=1):
-            raise ValueError(f"every() needs an interval of at least 1 ms, got {self.interval}")
+            raise InvalidArgument(
+                f"every() needs an interval of at least 1 ms, got {self.interval}"
+            )
         self._check_options("every")
 
     def latest(self, now: datetime) -> datetime:
@@ -153,12 +157,12 @@ class Crontab(Schedule):
 
     def __post_init__(self) -> None:
         if not isinstance(self.expression, str) or len(self.expression.split()) != 5:
-            raise ValueError(
+            raise InvalidArgument(
                 f"crontab() takes five fields 'minute hour day month weekday', "
                 f"got {self.expression!r}"
             )
         if not croniter.is_valid(self.expression):
-            raise ValueError(f"{self.expression!r} is not a valid cron expression")
+            raise InvalidArgument(f"{self.expression!r} is not a valid cron expression")
         self._check_options("crontab")
 
     def _local(self, moment: datetime) -> datetime:
@@ -241,10 +245,10 @@ def crontab(
     named = [name for name in _FIELDS if given[name] is not None]
     if expression is not None:
         if named:
-            raise ValueError("crontab() takes an expression or keyword fields, not both")
+            raise InvalidArgument("crontab() takes an expression or keyword fields, not both")
         return Crontab(expression, zone, max_lateness, catch_up)
     if not named:
-        raise ValueError('crontab() needs an expression or a field, e.g. crontab(hours="*/2")')
+        raise InvalidArgument('crontab() needs an expression or a field, e.g. crontab(hours="*/2")')
     finest = _FIELDS.index(named[0])
     parts = []
     for position, name in enumerate(_FIELDS):
@@ -253,7 +257,7 @@ def crontab(
             value = "0" if name in _TIME_FIELDS and position < finest else "*"
         text = str(value).strip()
         if not text or " " in text:
-            raise ValueError(f"crontab({name}={value!r}): a field is one cron field")
+            raise InvalidArgument(f"crontab({name}={value!r}): a field is one cron field")
         parts.append(text)
     return Crontab(" ".join(parts), zone, max_lateness, catch_up)
 

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
-from lilota.errors import ConfigurationError, require_int
+from lilota.errors import ConfigurationError
+from lilota.registry import Registry
+from lilota.validation import check_int
 
 ENV_DB_URL = "LILOTA_DB_URL"  # the database when no db_url is given
 DEFAULT_DB_URL = "sqlite:///lilota.db"  # the zero-set-up default: a file beside the app
@@ -76,7 +78,7 @@ class WorkerSettings:
         if self.cancel_grace < timedelta(0):
             raise ConfigurationError(f"cancel_grace must be >= 0, got {self.cancel_grace}")
         for option in ("async_concurrency", "cpu_bound_processes"):
-            require_int(getattr(self, option), option, 1, ConfigurationError)
+            check_int(getattr(self, option), option, 1, error=ConfigurationError)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
@@ -107,6 +109,45 @@ class WorkerSettings:
         for name in ("lease", "heartbeat", "cancel_grace"):
             values[name] = timedelta(seconds=values[name])
         return cls(**values)
+
+
+def check_overrides(
+    *,
+    lease: object = None,
+    cancel_grace: object = None,
+    async_concurrency: object = None,
+    cpu_bound_processes: object = None,
+    startup_timeout: object = None,
+    registry: object = None,
+) -> None:
+    """Check the settings a ``Lilota`` or ``LilotaWorker`` was given (None: not given) when
+    it is made, rather than when its workers start. Raises :class:`ConfigurationError`
+    naming the setting."""
+    if registry is not None and not isinstance(registry, Registry):
+        raise ConfigurationError(
+            f"registry must be a lilota Registry (another instance's .registry), "
+            f"got {type(registry).__name__}"
+        )
+    if startup_timeout is not None and (
+        isinstance(startup_timeout, bool)
+        or not isinstance(startup_timeout, (int, float))
+        or not startup_timeout > 0
+    ):
+        raise ConfigurationError(
+            f"startup_timeout must be a number of seconds > 0, got {startup_timeout!r}"
+        )
+    if lease is not None and (not isinstance(lease, timedelta) or lease <= timedelta(0)):
+        raise ConfigurationError(f"lease must be a positive timedelta, got {lease!r}")
+    if cancel_grace is not None and (
+        not isinstance(cancel_grace, timedelta) or cancel_grace < timedelta(0)
+    ):
+        raise ConfigurationError(f"cancel_grace must be a timedelta >= 0, got {cancel_grace!r}")
+    for option, value in (
+        ("async_concurrency", async_concurrency),
+        ("cpu_bound_processes", cpu_bound_processes),
+    ):
+        if value is not None:
+            check_int(value, option, 1, error=ConfigurationError)
 
 
 def _heartbeat_for(lease: timedelta) -> timedelta:

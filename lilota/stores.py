@@ -24,6 +24,7 @@ from multiprocessing.managers import BaseManager
 from types import TracebackType
 from typing import Any
 
+from lilota import validation
 from lilota.errors import ConfigurationError
 from lilota.models import Task, TaskStatus
 from lilota.store import TaskStore, is_memory_sqlite, parse_url
@@ -79,8 +80,10 @@ class DatabaseTaskStore:
         return tasks
 
     def get_task_by_id(self, id: int) -> Task | None:
-        """The task with ``id``, or None."""
-        return self.task_store.get(id)
+        """The task with ``id``, or None. Raises
+        :class:`~lilota.errors.InvalidArgumentType` for an id that is not an int."""
+        found = validation.task_id(id, "id")
+        return None if found is None else self.task_store.get(found)
 
     def close(self) -> None:
         """Close this process's database connections (a later call opens new ones)."""

@@ -38,7 +38,7 @@ from lilota.errors import DatabaseError, LilotaError, WorkerAlreadyStarted, Work
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
-from lilota.settings import WorkerSettings, default_db_url, set_logging_level
+from lilota.settings import WorkerSettings, check_overrides, default_db_url, set_logging_level
 from lilota.store import TaskStore, parse_url
 
 if TYPE_CHECKING:
@@ -400,6 +400,13 @@ class LilotaWorker:
         if db_url is None:
             db_url = default_db_url()
         self.db_url = db_url
+        check_overrides(
+            lease=lease,
+            cancel_grace=cancel_grace,
+            async_concurrency=async_concurrency,
+            cpu_bound_processes=cpu_bound_processes,
+            registry=registry,
+        )
         self.set_progress_manually = set_progress_manually
         self.registry = registry if registry is not None else Registry()
         self._store = store

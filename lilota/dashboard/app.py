@@ -30,7 +30,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from lilota import __version__
+from lilota import __version__, validation
 from lilota.dashboard.security import (
     AUTH_COOKIE,
     CSRF_COOKIE,
@@ -62,7 +62,7 @@ ENV_TOKEN = "LILOTA_DASHBOARD_TOKEN"
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
-MAX_ID = 2**63 - 1  # task ids are 64-bit; larger numbers cannot name a task
+MAX_ID = validation.MAX_ID  # task ids are 64-bit; larger numbers cannot name a task
 # The dashboard lists the workers with a heartbeat this recent: a live worker beats at
 # least every lease/3 (10 s by default), so a few minutes also shows one that just died.
 WORKERS_SEEN_WITHIN = timedelta(minutes=5)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.url import URL
 
-from lilota import errors, execution, serialization
+from lilota import errors, execution, serialization, validation
 from lilota.dialects import Dialect, dialect_for
 from lilota.dialects.transactions import transaction
 from lilota.dialects.urls import is_memory_sqlite, parse_url
@@ -434,12 +434,12 @@ class TaskStore:
     @transaction(schema=True)
     def retry(self, conn: Connection, task_id: int) -> None:
         """Schedule a failed or cancelled task again (same id, attempts from zero). Raises
-        :class:`TaskNotFound`, or ``ValueError`` when it is pending, running or completed."""
+        :class:`TaskNotFound`, or :class:`TaskNotRetryable` when pending, running or completed."""
         if conn.execute(self.sql["retry"], {"b_id": task_id, "now": self.clock()}).rowcount:
             self.dialect.notify(conn)
             return
         status = self._status_of(conn, task_id)
-        raise ValueError(
+        raise errors.TaskNotRetryable(
             f"task {task_id} is {status}; only failed or cancelled tasks can be retried"
         )
 
@@ -453,10 +453,9 @@ class TaskStore:
     def cleanup(self, older_than: timedelta) -> int:
         """Delete completed, failed and cancelled tasks that ended more than
         ``older_than`` ago. Never touches pending or running tasks. Returns the count."""
-        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
-            raise ValueError(f"older_than must be a timedelta >= 0, got {older_than!r}")
+        cutoff = validation.before(self.clock(), older_than, "older_than")
         self.ensure_schema()
-        ended = sa.and_(_t.status.in_(FINAL), _t.end_date_time < self.clock() - older_than)
+        ended = sa.and_(_t.status.in_(FINAL), _t.end_date_time < cutoff)
         return self._write(task_table.delete().where(ended))
 
     @transaction(schema=True)
@@ -484,22 +483,19 @@ class TaskStore:
 
     def get(self, task_id: int | str | uuid.UUID) -> Task | None:
         """The task with ``task_id``, or None. A UUID (or its text) finds a task moved over
-        from lilota 1.x by its 1.x id."""
-        if isinstance(task_id, (str, uuid.UUID)):
-            return self._get_legacy(task_id)
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
+        from lilota 1.x by its 1.x id; another non-int is an InvalidArgumentType."""
+        found = validation.task_key(task_id)
+        if isinstance(found, str):
+            return self._get_legacy(found)
+        if found is None:
             return None
         self.ensure_schema()
-        rows = self._all(self.sql["get"], {"id": task_id})
+        rows = self._all(self.sql["get"], {"id": found})
         return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
 
-    def _get_legacy(self, legacy_id: str | uuid.UUID) -> Task | None:
-        try:
-            key = str(uuid.UUID(str(legacy_id)))
-        except ValueError:
-            return None
+    def _get_legacy(self, legacy_id: str) -> Task | None:
         self.ensure_schema()
-        rows = self._all(sa.select(task_table).where(_t.legacy_id == key))
+        rows = self._all(sa.select(task_table).where(_t.legacy_id == legacy_id))
         return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
 
     def get_many(self, task_ids: Iterable[int]) -> dict[int, Task]:

@@ -128,7 +128,8 @@ def test_progress_outside_0_to_100_fails_the_task_with_a_clear_error(make_app) -
     task = lilota.wait(lilota.schedule("bad-progress"), timeout=30)
     assert task.status is TaskStatus.FAILED
     assert task.exception is not None
-    assert task.exception.type == "ValueError"
+    # An InvalidArgument, which is a ValueError (and a LilotaError).
+    assert task.exception.type == "lilota.errors.InvalidArgument"
     assert "progress must be from 0 to 100, got 150" in task.exception.message
 
 

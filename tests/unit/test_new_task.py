@@ -12,7 +12,13 @@ import pytest
 
 from lilota import execution
 from lilota.context import TaskContext
-from lilota.errors import InvalidInput, SerializationError, TaskNotRegistered
+from lilota.errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidInput,
+    SerializationError,
+    TaskNotRegistered,
+)
 from lilota.models import TaskProgress
 from lilota.registry import Registry, effective_max_attempts, new_task
 from lilota.store import TaskStore
@@ -61,8 +67,15 @@ def test_known_names_refuse_an_unknown_name_and_none_accepts_any() -> None:
 
 
 def test_a_name_that_is_not_a_string_is_refused() -> None:
-    with pytest.raises(TaskNotRegistered, match="a task name is a string, got 5"):
+    with pytest.raises(InvalidArgumentType, match=r"name must be a task name \(a string\), got 5"):
         new_task(5)  # type: ignore[arg-type]
+
+
+def test_a_name_no_task_can_be_registered_under_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="name must be 1-200 characters"):
+        new_task("two words")
+    with pytest.raises(InvalidArgument, match="name must be 1-200 characters"):
+        new_task("n" * 201)
 
 
 def test_cheap_checks_come_before_the_input_is_serialized() -> None:
@@ -78,13 +91,15 @@ def test_cheap_checks_come_before_the_input_is_serialized() -> None:
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"run_at": "tomorrow"}, ValueError, "run_at must be a datetime"),
-        ({"delay": 5}, ValueError, "delay must be a timedelta"),
-        ({"priority": True}, ValueError, "priority must be an int"),
-        ({"unique_key": ""}, ValueError, "unique_key must be a string of 1-255 characters"),
-        ({"unique_key": "k" * 256}, ValueError, "unique_key must be a string of 1-255"),
-        ({"description": 5}, InvalidInput, "description must be a string or None, got int"),
-        ({"max_attempts": 0}, ValueError, "max_attempts must be an int >= 1, got 0"),
+        ({"run_at": "tomorrow"}, InvalidArgumentType, "run_at must be a datetime"),
+        ({"delay": 5}, InvalidArgumentType, "delay must be a timedelta"),
+        ({"priority": True}, InvalidArgumentType, "priority must be an int"),
+        ({"priority": 2**31}, InvalidArgument, "priority must be an int from -2147483648 to"),
+        ({"unique_key": ""}, InvalidArgument, "unique_key must be a string of 1-255 characters"),
+        ({"unique_key": "k" * 256}, InvalidArgument, "unique_key must be a string of 1-255"),
+        ({"description": 5}, InvalidArgumentType, "description must be a string or None, got 5"),
+        ({"max_attempts": 0}, InvalidArgument, "max_attempts must be an int from 1 to 2147483647"),
+        ({"max_attempts": 2**31}, InvalidArgument, "max_attempts must be an int from 1 to"),
     ],
 )
 def test_bad_arguments_are_refused(
@@ -159,6 +174,6 @@ def test_task_context_refuses_the_arguments_lilota_schedule_refuses(
     ctx = _context(store, registry)
     with pytest.raises(ValueError, match="pass run_at or delay, not both"):
         ctx.schedule("add", {"a": 1, "b": 2}, run_at=NOW, delay=timedelta(seconds=1))
-    with pytest.raises(TaskNotRegistered, match="a task name is a string"):
+    with pytest.raises(InvalidArgumentType, match=r"name must be a task name \(a string\)"):
         ctx.schedule(["add"], None)  # type: ignore[arg-type]
     assert sum(store.count_by_status().values()) == 0

@@ -119,8 +119,9 @@ def test_unsupported_model_is_refused(registry: Registry) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"max_attempts": 0}, "max_attempts must be an int >= 1"),
-        ({"max_attempts": True}, "max_attempts must be an int >= 1"),
+        ({"max_attempts": 0}, "max_attempts must be an int from 1 to 2147483647, got 0"),
+        ({"max_attempts": True}, "max_attempts must be an int from 1 to 2147483647, got True"),
+        ({"max_attempts": 2**31}, "max_attempts must be an int from 1 to 2147483647, got 2147"),
         ({"retry_delay": -1}, "retry_delay must be positive"),
         ({"timeout": "10s"}, "timeout must be a timedelta or seconds"),
         ({"timeout": 0}, "timeout must be positive"),

@@ -104,8 +104,8 @@ def test_no_retry_fails_at_once_with_attempts_left(clock: FakeClock) -> None:
         ({"retry_on": 5}, "retry_on must be an exception class or a tuple of them, got 5"),
         ({"retry_on": (ValueError, "x")}, "retry_on must be an exception class"),
         ({"retry_on": ()}, "retry_on must name at least one exception class"),
-        ({"max_recoveries": -1}, "max_recoveries must be an int >= 0, got -1"),
-        ({"max_recoveries": 1.5}, "max_recoveries must be an int >= 0, got 1.5"),
+        ({"max_recoveries": -1}, "max_recoveries must be an int from 0 to 2147483647, got -1"),
+        ({"max_recoveries": 1.5}, "max_recoveries must be an int from 0 to 2147483647, got 1.5"),
     ],
 )
 def test_bad_retry_options_are_refused_at_registration(

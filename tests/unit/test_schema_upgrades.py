@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from lilota.errors import SchemaVersionError
+from lilota.errors import InvalidArgumentType, SchemaVersionError
 from lilota.models import TaskStatus
 from lilota.store import SCHEMA_VERSION, NewTask, Outcome, TaskStore
 
@@ -158,7 +158,8 @@ def test_moving_from_1x_keeps_every_task_and_the_old_tables(lilota_db_url: str) 
 
     assert store.get(failed.legacy_id or "") == failed
     assert store.get(uuid.UUID(failed.legacy_id or "")) == failed
-    assert store.get("not-a-uuid") is None
+    with pytest.raises(InvalidArgumentType, match=r"UUID of a task moved over from lilota 1\.x"):
+        store.get("not-a-uuid")
     # The moved pending tasks run under lilota 2.
     claims = store.claim(worker_id="w", names=["add", "report"], limit=5, lease=LEASE)
     assert sorted(c.name for c in claims) == ["add", "report"]

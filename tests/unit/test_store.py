@@ -10,7 +10,13 @@ from urllib.parse import quote
 import pytest
 
 from conftest import FakeClock
-from lilota.errors import ConfigurationError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import (
+    ConfigurationError,
+    InvalidArgumentType,
+    SchemaVersionError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+)
 from lilota.models import TaskStatus
 from lilota.store import SCHEMA_VERSION, NewTask, Outcome, TaskStore, parse_url, schema_table
 
@@ -39,7 +45,13 @@ def test_added_task_is_pending_with_its_input(store: TaskStore) -> None:
 
 def test_unknown_id_reads_as_none(store: TaskStore) -> None:
     assert store.get(12345) is None
-    assert store.get("12") is None  # type: ignore[arg-type]
+    assert store.get(2**70) is None  # no task can have it: the same answer on every backend
+
+
+def test_an_id_that_is_not_an_int_is_refused_rather_than_read_as_missing(store: TaskStore) -> None:
+    store.add(NewTask(name="job"))
+    with pytest.raises(InvalidArgumentType, match=r"task_id must be an int, got '1' \(str\)"):
+        store.get("1")  # type: ignore[arg-type]
 
 
 def test_claim_takes_each_task_once(store: TaskStore) -> None:
@@ -275,6 +287,13 @@ def test_cleanup_deletes_only_old_finished_tasks(store: TaskStore, clock: FakeCl
     assert store.get(recent) is not None
     with pytest.raises(ValueError, match="older_than"):
         store.cleanup(-timedelta(days=1))
+
+
+def test_cleanup_older_than_any_date_deletes_nothing(store: TaskStore, clock: FakeClock) -> None:
+    store.cancel(store.add(NewTask(name="job")))
+    clock.advance(days=1)
+    assert store.cleanup(timedelta.max) == 0  # before the year 1: nothing ended then
+    assert store.cleanup(timedelta(0)) == 1
 
 
 def test_unique_key_returns_the_active_task(store: TaskStore) -> None:
