@@ -45,6 +45,10 @@ KEEPER_TICK = 0.1
 # the pending rows), to log them: a task scheduled under a name nobody registered (a typo,
 # a worker not deployed) would otherwise wait for ever without a sign.
 UNSERVED_EVERY = 300.0
+# While it runs tasks, a worker also looks this often whether one was asked to cancel (a
+# read of its own running rows, between renewals): a task sees cancel() within about this
+# plus its own polling, not a heartbeat. Idle workers do not look (they hold nothing).
+CANCEL_LOOK = 0.25
 
 
 @dataclass(eq=False)
@@ -262,6 +266,7 @@ class LeaseKeeper:
         next_recover = time.monotonic() + recover_every
         # The first look after one lease: every worker that is starting too has announced.
         next_unserved = time.monotonic() + lease
+        next_look = 0.0
         wait = KEEPER_TICK
         while not self._stop.wait(wait):
             now = time.monotonic()
@@ -273,6 +278,10 @@ class LeaseKeeper:
                     # Leases run out while the database is away: try again soon.
                     interval = min(interval, RENEW_RETRY)
                 next_renew = time.monotonic() + interval
+                next_look = now + CANCEL_LOOK  # the renewal told what a look would
+            elif self.ledger.busy and now >= next_look:
+                next_look = now + CANCEL_LOOK
+                self.look_for_cancels()
             if now >= next_recover:
                 next_recover = now + recover_every
                 self.recover()
@@ -280,9 +289,10 @@ class LeaseKeeper:
                 next_unserved = now + UNSERVED_EVERY
                 self.warn_unserved()
             self.enforce_limits()
-            # Wake for the next renewal on time, not up to a tick late: that renewal is
-            # what passes a cancellation request on.
-            wait = min(KEEPER_TICK, max(0.0, next_renew - time.monotonic()))
+            # Wake for the next renewal or look on time, not up to a tick late: they pass
+            # cancellation requests on.
+            due = min(next_renew, next_look) if self.ledger.busy else next_renew
+            wait = min(KEEPER_TICK, max(0.0, due - time.monotonic()))
 
     def _database_trouble(self, lasted: float = 0.0) -> None:
         # While this process could not reach the database, neither could the others
@@ -339,6 +349,18 @@ class LeaseKeeper:
                 )
         self._unserved_logged = unserved
 
+    def look_for_cancels(self) -> None:
+        """Tell the running tasks someone asked to cancel (a read; renewals tell them too)."""
+        held = self.ledger.held_ids()
+        if not held:
+            return
+        try:
+            asked = self.store.cancel_requested_among(self.worker_id, held)
+        except DatabaseError as e:
+            log.debug("could not look for cancellation requests: %s", e)
+            return
+        self._tell_cancelled(asked)
+
     def renew(self) -> bool:
         """Renew the leases of what the ledger holds; False if the database could not
         be reached. A SQLite file deleted or replaced under this process ends it first."""
@@ -362,12 +384,15 @@ class LeaseKeeper:
             return False
         self._hung(began, "renewing leases")
         self._check_still_held(held - report.held)
-        if report.cancel_requested:
-            for running in self.ledger.note_cancel_requested(report.cancel_requested):
+        self._tell_cancelled(report.cancel_requested)
+        return True
+
+    def _tell_cancelled(self, asked: Iterable[int]) -> None:
+        if asked:
+            for running in self.ledger.note_cancel_requested(asked):
                 log.info("task %d: cancellation requested", running.claim.id)
             if self._on_cancel is not None:
                 self._on_cancel()
-        return True
 
     def _check_still_held(self, not_renewed: set[int]) -> None:
         """A task this process runs whose lease another worker took over (this process

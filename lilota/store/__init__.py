@@ -343,6 +343,15 @@ class TaskStore:
         held, asked = {r.id for r in rows}, {r.id for r in rows if r.cancel_requested}
         return LeaseReport(held=frozenset(held), cancel_requested=frozenset(asked))
 
+    def cancel_requested_among(self, worker_id: str, task_ids: Iterable[int]) -> set[int]:
+        """Those of ``task_ids`` that ``worker_id`` runs and someone asked to cancel (a
+        read: no write lock, no lease renewed)."""
+        ids = sorted({int(i) for i in task_ids})
+        query = sa.select(_t.id).where(
+            _t.worker_id == worker_id, _t.status == RUNNING, _t.cancel_requested == sa.true()
+        )
+        return {r[0] for r in self._by_ids(query, ids)} if ids else set()
+
     def release(self, claims: Sequence[Claim], *, refund: bool) -> int:
         """Give claimed tasks back (pending again); the attempt does not count. ``refund``:
         they never started. Without it they did, and that counts as a recovery, as when a

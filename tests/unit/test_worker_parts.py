@@ -41,7 +41,7 @@ def make_loop(store: TaskStore) -> WorkerLoop:
     def interrupt() -> None:
         raise Interrupted("stop everything")
 
-    @registry.register("slow", timeout=timedelta(seconds=1))
+    @registry.register("slow", timeout=timedelta(seconds=1), max_attempts=2)
     def slow() -> None:
         pass
 
@@ -207,7 +207,7 @@ def test_after_a_renewal_that_hung_the_keeper_takes_no_tasks_for_a_lease_and_the
     )
 
     def lost_task() -> int:
-        task_id = store.add(NewTask(name="double", input='{"n": 1}'))
+        task_id = store.add(NewTask(name="double", input='{"n": 1}', max_recoveries=0))
         store.claim(worker_id="gone", names=["double"], limit=1, lease=LEASE)
         clock.advance(seconds=31)  # its lease ran out
         return task_id
@@ -220,7 +220,7 @@ def test_after_a_renewal_that_hung_the_keeper_takes_no_tasks_for_a_lease_and_the
     first = lost_task()
     assert keeper.renew()  # answered at once: the database was there all along
     keeper.recover()
-    assert status(first) is TaskStatus.FAILED  # worker lost, no attempt left
+    assert status(first) is TaskStatus.FAILED  # worker lost, no recovery left
 
     second = lost_task()
     hanging.hang = 0.3  # longer than a heartbeat
@@ -232,3 +232,32 @@ def test_after_a_renewal_that_hung_the_keeper_takes_no_tasks_for_a_lease_and_the
     time.sleep(max(0.0, began + 0.3 + lease.total_seconds() + 0.3 + 0.2 - time.monotonic()))
     keeper.recover()
     assert status(second) is TaskStatus.FAILED
+
+
+def test_a_busy_keeper_looks_for_cancellations_between_renewals(store: TaskStore) -> None:
+    # Renewals 10 s apart: only the busy keeper's look (every CANCEL_LOOK) can tell the
+    # task within the wait below.
+    task_id = store.add(NewTask(name="double", input='{"n": 1}'))
+    loop = make_loop(store)
+    keeper = LeaseKeeper(
+        store,
+        loop.ledger,
+        worker_id=loop.worker_id,
+        lease=LEASE,
+        heartbeat=timedelta(seconds=10),
+        cancel_grace=timedelta(seconds=10),
+        end_process=lambda code: None,
+    )
+    [claim] = store.claim(worker_id=loop.worker_id, names=["double"], limit=1, lease=LEASE)
+    running = loop.ledger.start(claim, loop.registry.get("double"), "sync")
+    assert running is not None
+    keeper.start()
+    try:
+        time.sleep(0.5)  # the first renewal is done; the next is 10 s away
+        assert store.cancel(task_id) == TaskStatus.RUNNING
+        assert running.cancel_event.wait(timeout=5.0)
+        # An idle worker does not look: it holds nothing.
+        assert store.cancel_requested_among(loop.worker_id, [task_id]) == {task_id}
+        assert store.cancel_requested_among("another-worker", [task_id]) == set()
+    finally:
+        keeper.stop()
