@@ -111,13 +111,13 @@ def test_a_worker_cut_off_longer_than_its_lease_loses_its_task_and_its_late_comp
 
     lab.cut("b")  # b's link goes down while its task runs
     p.start("c")
-    # b cannot renew its lease: once it ran out, c takes the task over (attempt 2)
+    # b cannot renew its lease: once it ran out, c takes the task over (its second run)
     wait_until(lambda: len(p.notes("x", "start")) == 2, "host c to take the task over")
     release.touch()  # both runs return: c's is recorded, b's waits for the database
     done = p.scheduler.wait(task_id, timeout=30)
     wait_until(lambda: p.notes("x", "end") and len(p.notes("x", "end")) == 2, "both runs to end")
     assert done.status is TaskStatus.COMPLETED
-    assert done.attempts == 2
+    assert (done.attempts, done.recoveries) == (1, 1)  # a recovery, not a retry
     assert (done.output["host"], done.output["attempt"]) == ("c", 2)
     assert REFUSED not in lab.log("b")
 

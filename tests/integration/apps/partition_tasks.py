@@ -54,16 +54,18 @@ def read_notes(directory: Path) -> list[dict[str, Any]]:
 @app.register("stamp", max_attempts=5)
 def stamp(data: dict, ctx: TaskContext) -> dict:  # type: ignore[type-arg]
     """Notes its start, waits for the file ``release`` (if given) and ``seconds``, notes
-    its end; returns who ran it (host, process, attempt) and when."""
-    began = note("start", data["key"], ctx.attempt)
+    its end; returns who ran it (host, process, attempt) and when. "attempt" is the run:
+    1 for the first, one more for each retry or recovery (a lost worker's run)."""
+    run = ctx.attempt + ctx.recoveries
+    began = note("start", data["key"], run)
     if data.get("release"):
         wait_for_file(Path(data["release"]))
     time.sleep(data.get("seconds", 0))
-    ended = note("end", data["key"], ctx.attempt)
+    ended = note("end", data["key"], run)
     return {
         "host": HOST,
         "pid": os.getpid(),
-        "attempt": ctx.attempt,
+        "attempt": run,
         "began": began,
         "ended": ended,
     }
