@@ -354,11 +354,15 @@ class LeaseKeeper:
         held = self.ledger.held_ids()
         if not held:
             return
+        began = time.monotonic()
         try:
             asked = self.store.cancel_requested_among(self.worker_id, held)
         except DatabaseError as e:
             log.debug("could not look for cancellation requests: %s", e)
+            self._database_trouble()
             return
+        # A look that hung through a partition is an outage, as a renewal that hung is.
+        self._hung(began, "looking for cancellation requests")
         self._tell_cancelled(asked)
 
     def renew(self) -> bool:
