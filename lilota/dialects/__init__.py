@@ -44,10 +44,18 @@ _FINAL_PROGRESS = {TaskStatus.COMPLETED.value: 100, PENDING: 0}
 # An attempt that returned or raised ends cancelled if a cancellation was requested (the
 # worker may not have seen it), with :func:`cancelled_record` as its exception.
 _ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
-_KEYS = ("b_id", "b_fence", "b_exception")
 # What a claim returns of each task it claims.
-CLAIMED: tuple[str, ...] = ("id", "name", "input", "attempts", "fence", "recoveries")
-CLAIMED += ("max_attempts", "priority", "run_at")
+CLAIMED = (
+    "id",
+    "name",
+    "input",
+    "attempts",
+    "fence",
+    "recoveries",
+    "max_attempts",
+    "priority",
+    "run_at",
+)
 
 
 # SQLite waits this long for another process's write transaction. Writes here take a few
@@ -113,8 +121,8 @@ class Dialect:
         by_id = c.id == sa.bindparam("b_id")
         names = c.name.in_(sa.bindparam("names", expanding=True))
         due = (c.status == PENDING, c.run_at <= sa.bindparam("now"), names)
-        running = [c.id, c.fence, c.attempts, c.recoveries, c.max_recoveries, c.worker_id]
-        running.append(c.cancel_requested)
+        running = [c.id, c.fence, c.attempts, c.recoveries, c.max_recoveries]
+        running += [c.worker_id, c.cancel_requested]
         lease_over = (c.status == RUNNING, c.lease_expires_at < sa.bindparam("now"))
         ids = c.id.in_(sa.bindparam("ids", expanding=True))
         order = (c.priority.desc(), c.run_at, c.id)
@@ -533,10 +541,12 @@ class PostgresDialect(Dialect):
         }
         rows = conn.execute(self.sql["finish_many"], params).all()
         if turned := {task_id for task_id, cancelled in rows if cancelled}:  # rare
-            record = [(o.id, o.fence, cancelled_record(o)) for o in outcomes if o.id in turned]
-            conn.execute(
-                self.sql["cancelled_record"], [dict(zip(_KEYS, r, strict=True)) for r in record]
-            )
+            records = [
+                {"b_id": o.id, "b_fence": o.fence, "b_exception": cancelled_record(o)}
+                for o in outcomes
+                if o.id in turned
+            ]
+            conn.execute(self.sql["cancelled_record"], records)
         return len(rows)
 
 

@@ -141,6 +141,19 @@ def test_the_keeper_ends_the_process_for_a_sync_task_past_its_timeout(store: Tas
     assert loop.ledger.running() == []
 
 
+def keeper_for(store: TaskStore, loop: Any, *, heartbeat: float) -> LeaseKeeper:
+    """A lease keeper for ``loop``'s ledger that never ends the process."""
+    return LeaseKeeper(
+        store,
+        loop.ledger,
+        worker_id=loop.worker_id,
+        lease=LEASE,
+        heartbeat=timedelta(seconds=heartbeat),
+        cancel_grace=timedelta(seconds=10),
+        end_process=lambda code: None,
+    )
+
+
 def test_the_keeper_passes_a_cancellation_on_within_a_heartbeat_of_an_idle_renewal(
     store: TaskStore,
 ) -> None:
@@ -148,15 +161,7 @@ def test_the_keeper_passes_a_cancellation_on_within_a_heartbeat_of_an_idle_renew
     # renewal must not wait for the next one to learn it was cancelled.
     task_id = store.add(NewTask(name="double", input='{"n": 1}'))
     loop = make_loop(store)
-    keeper = LeaseKeeper(
-        store,
-        loop.ledger,
-        worker_id=loop.worker_id,
-        lease=LEASE,
-        heartbeat=timedelta(seconds=0.2),
-        cancel_grace=timedelta(seconds=10),
-        end_process=lambda code: None,
-    )
+    keeper = keeper_for(store, loop, heartbeat=0.2)
     keeper.start()
     try:
         time.sleep(0.5)  # the first, idle renewal is done
@@ -239,15 +244,7 @@ def test_a_busy_keeper_looks_for_cancellations_between_renewals(store: TaskStore
     # task within the wait below.
     task_id = store.add(NewTask(name="double", input='{"n": 1}'))
     loop = make_loop(store)
-    keeper = LeaseKeeper(
-        store,
-        loop.ledger,
-        worker_id=loop.worker_id,
-        lease=LEASE,
-        heartbeat=timedelta(seconds=10),
-        cancel_grace=timedelta(seconds=10),
-        end_process=lambda code: None,
-    )
+    keeper = keeper_for(store, loop, heartbeat=10)
     [claim] = store.claim(worker_id=loop.worker_id, names=["double"], limit=1, lease=LEASE)
     running = loop.ledger.start(claim, loop.registry.get("double"), "sync")
     assert running is not None
