@@ -2,7 +2,7 @@
 
 It registers one no-op task, ``noop``, taking ``{"i": i}``. The task's first and only
 action is ``mark(i)``: one ``write()`` of ``"i time.time()"`` to a file of this process in
-``$LILOTA_BENCH_MARKS`` (as the shared bench harness does), which gives the start time of
+``$LILOTA_BENCH_MARKS`` (as benchmarks/peers/harness.py does), which gives the start time of
 every task and shows that each ran exactly once. Without that variable it does nothing.
 
 The database URL comes from ``$LILOTA_BENCH_DB``.

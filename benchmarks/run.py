@@ -9,7 +9,7 @@ script mode, running ``bench_worker.py``; the task is a no-op that records its s
 
   W1  enqueue   N x ``schedule("noop", {"i": i})`` one call after the other; then
                 ``schedule_many("noop", inputs)`` of N in one call (tasks/s).
-  W2  drain     N pending tasks (PostgreSQL: then ANALYZE, as the shared bench does), 2
+  W2  drain     N pending tasks (PostgreSQL: then ANALYZE, as compare.py's harness does), 2
                 workers start; from the first task starting until the task table says all
                 N are finished (tasks/s; worker start-up reported apart). Once on an empty
                 table, once with --prefill (default 1,000,000) completed tasks in it.
@@ -28,9 +28,8 @@ copy). Nothing here speaks SQL: the rows are made through ``TaskStore.add_many``
 table is then VACUUMed and ANALYZEd (what autovacuum does to a table that finished its
 tasks one by one), and ANALYZE before each drain, through the ``vacuumdb`` client.
 
-PostgreSQL: ``--pg`` (default ``$LILOTA_BENCH_PG``, else the shared bench's throwaway
-cluster ``postgresql://postgres@127.0.0.1:55433``, which is started with
-``/work/shared/bench/pg.sh start`` if it is not running and then stopped again). The
+PostgreSQL: ``--pg`` (default ``$LILOTA_BENCH_PG``, else ``postgresql://postgres@127.0.0.1:5432``,
+a stock server as a user would run it). The
 client tools (createdb, dropdb, vacuumdb) must be on PATH.
 
 Prints a markdown table of medians (and min-max) over --rounds; --json writes every
@@ -68,8 +67,7 @@ from lilota import Lilota  # noqa: E402
 from lilota.store import NewTask, Outcome, TaskStore  # noqa: E402
 
 WORKER_SCRIPT = os.path.join(HERE, "bench_worker.py")
-SHARED_PG_SH = "/work/shared/bench/pg.sh"
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:55433"
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432"
 WARMUP = -1
 PROCESSES = 2
 
@@ -93,7 +91,7 @@ class Backend:
         raise NotImplementedError
 
     def analyze(self, url: str) -> None:
-        """Give the planner statistics (what the shared bench does before its drain)."""
+        """Give the planner statistics (what compare.py's harness does before its drain)."""
 
     def vacuum(self, url: str) -> None:
         """What autovacuum does to a table that finished many tasks, and ANALYZE."""
@@ -135,10 +133,6 @@ class PostgresBackend(Backend):
         self.port = str(parts.port or 5432)
         self.user = parts.username or "postgres"
         self.prefix = f"lilota_bench_{os.getpid()}_"
-        self.started_shared = False
-        if not self._ready() and os.path.exists(SHARED_PG_SH) and self.port == "55433":
-            subprocess.run([SHARED_PG_SH, "start"], check=True, stdout=subprocess.DEVNULL)
-            self.started_shared = True
         if not self._ready():
             raise SystemExit(f"run: no PostgreSQL server at {self.host}:{self.port}")
 
@@ -180,10 +174,6 @@ class PostgresBackend(Backend):
 
     def vacuum(self, url: str) -> None:
         self._client("vacuumdb", "-q", "-z", "-d", url.rsplit("/", 1)[1])
-
-    def close(self) -> None:
-        if self.started_shared:
-            subprocess.run([SHARED_PG_SH, "stop"], check=False, stdout=subprocess.DEVNULL)
 
 
 # --------------------------------------------------------------------------- helpers
