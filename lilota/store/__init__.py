@@ -276,6 +276,7 @@ class TaskStore:
                 max_attempts=n,
                 fence=r.fence,
                 recoveries=r.recoveries,
+                trace_context=r.trace_context,
             )
             for r, n in zip(rows, limits, strict=True)
         ]
