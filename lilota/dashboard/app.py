@@ -370,10 +370,12 @@ class _Dashboard:
                 self.registry = metrics.registry_for(self.store)
         except metrics.MetricsUnavailable as e:
             return error(501, str(e))
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.exposition import choose_encoder
 
-        body = await self.db(generate_latest, self.registry)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        # The format Prometheus asks for (text, or OpenMetrics), as its own server does.
+        encode, media_type = choose_encoder(request.headers.get("accept", ""))
+        body = await self.db(encode, self.registry)
+        return Response(body, media_type=media_type)
 
     async def api_action(self, request: Request) -> Response:
         refused = self.guard_api(request)
