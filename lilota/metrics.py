@@ -85,24 +85,29 @@ def observe_attempt(name: str, status: str, seconds: float) -> None:
 
 
 def _make_histogram() -> Any:
+    """This process's histogram, made once (other threads wait for it meanwhile)."""
     global _histogram
     with _histogram_lock:
         if _histogram is None:
-            _histogram = False
-            if os.environ.get(ENV_DIR):
-                try:
-                    client = _client()
-                except MetricsUnavailable as e:
-                    log.warning("run times are not recorded: %s", e)
-                else:
-                    _histogram = client.Histogram(
-                        "lilota_task_duration_seconds",
-                        "How long attempts of tasks ran, by task name and outcome.",
-                        ["name", "outcome"],
-                        buckets=BUCKETS,
-                        registry=None,  # collected from the files, by the endpoint
-                    )
+            _histogram = _new_histogram()
         return _histogram
+
+
+def _new_histogram() -> Any:
+    if not os.environ.get(ENV_DIR):
+        return False
+    try:
+        client = _client()
+    except MetricsUnavailable as e:
+        log.warning("run times are not recorded: %s", e)
+        return False
+    return client.Histogram(
+        "lilota_task_duration_seconds",
+        "How long attempts of tasks ran, by task name and outcome.",
+        ["name", "outcome"],
+        buckets=BUCKETS,
+        registry=None,  # collected from the files, by the endpoint
+    )
 
 
 # ---------------------------------------------------------------------- at the endpoint
