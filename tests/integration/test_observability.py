@@ -7,7 +7,11 @@ tests/integration/apps/observed_tasks.py)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -57,8 +61,6 @@ def start_worker() -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Worker:
-        import os
-
         saved = {k: os.environ.get(k) for k in env or {}}
         os.environ.update(env or {})  # start_cli copies this process's environment
         try:
@@ -281,3 +283,61 @@ def test_a_stored_trace_context_survives_a_restart_of_the_worker(
     assert run["trace_id"] == format(scheduled.get_span_context().trace_id, "032x")
     assert run["parent_id"] == format(scheduled.get_span_context().span_id, "016x")
     app.store.dispose()
+
+
+# ---------------------------------------------------------------------- the README's examples
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def readme_block(first_line: str) -> str:
+    """The README's Python block whose first line is ``first_line``."""
+    for block in re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL):
+        if block.startswith(first_line):
+            return str(block)
+    pytest.fail(f"no README block starts with {first_line!r}")
+
+
+def test_the_readme_tracing_example_runs_and_continues_the_trace_in_the_worker(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "traced.py").write_text(readme_block("# traced.py"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "traced.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "42"
+    spans = {}
+    for text in re.findall(r"^\{\n.*?^\}$", result.stdout, flags=re.DOTALL | re.MULTILINE):
+        span = json.loads(text)
+        spans[span["name"]] = span
+    assert set(spans) == {"GET /double", "schedule double", "run double", "compute"}
+    assert len({s["context"]["trace_id"] for s in spans.values()}) == 1
+    for child, parent in [
+        ("schedule double", "GET /double"),
+        ("run double", "schedule double"),
+        ("compute", "run double"),
+    ]:
+        assert spans[child]["parent_id"] == spans[parent]["context"]["span_id"]
+
+
+def test_the_readme_own_app_metrics_example_serves_the_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.testclient import TestClient
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(readme_block("from prometheus_client import make_asgi_app"), namespace)
+    namespace["lilota"].store.ensure_schema()
+    with TestClient(namespace["app"]) as client:
+        answer = client.get("/metrics/")
+    assert answer.status_code == 200
+    assert "lilota_workers_live 0.0" in answer.text
+    namespace["lilota"].store.dispose()
