@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lilota import Lilota
 from tests.integration.apps.observed_tasks import ENV_SPANS
 from tests.integration.apps.observed_tasks import app as observed
-from tests.integration.test_cli import PATIENCE, Worker, assert_one_line_error, run_cli
+from tests.integration.test_cli import PATIENCE, REPO, Worker, assert_one_line_error, run_cli
 
 TARGET = "tests.integration.apps.observed_tasks:app"
 
@@ -142,6 +142,29 @@ def test_worker_metrics_port_in_use_is_one_line_error(lilota_sqlite_url: str) ->
         )
     line = assert_one_line_error(result)
     assert f"cannot serve metrics on 127.0.0.1:{port}" in line
+
+
+def test_worker_metrics_without_the_extra_is_one_line_error_naming_it(
+    lilota_sqlite_url: str, tmp_path: Path
+) -> None:
+    # As where prometheus_client is not installed: its import fails in the command.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['prometheus_client'] = None\n"
+    )
+    path = os.pathsep.join([str(tmp_path), str(REPO)])
+    result = run_cli(
+        "worker",
+        TARGET,
+        "--metrics-port",
+        str(free_port()),
+        "--db-url",
+        lilota_sqlite_url,
+        env={"PYTHONPATH": path},
+    )
+    line = assert_one_line_error(result)
+    assert line == (
+        "lilota: error: lilota's metrics need prometheus_client: pip install 'lilota[metrics]'"
+    )
 
 
 # ---------------------------------------------------------------------- traces
