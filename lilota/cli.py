@@ -12,7 +12,8 @@ environment variable, else ``sqlite:///lilota.db``. Commands other than ``worker
 the database; the command exports the URL it chose as ``LILOTA_DB_URL`` for it), or a
 module (``pkg.mod`` or ``pkg.mod:attr``) holding a ``Lilota`` instance whose registered
 tasks the workers run, on ``--db-url``, else ``$LILOTA_DB_URL``, else the instance's own
-``db_url``. The first SIGTERM/SIGINT drains (running tasks finish), a second one stops
+``db_url``. ``--metrics-port`` serves Prometheus metrics meanwhile (:mod:`lilota.metrics`).
+The first SIGTERM/SIGINT drains (running tasks finish), a second one stops
 at once: workers give their tasks back (pending again) and exit, or are killed.
 
 Every failure is one line on stderr, ``lilota: error: ...``, and a non-zero exit status
@@ -35,13 +36,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from lilota import __version__
+from lilota import __version__, metrics
+from lilota.arguments import (
+    duration_arg,
+    parse_duration,
+    port_arg,
+    positive_int_arg,
+    status_arg,
+    task_id_arg,
+)
 from lilota.core import Lilota
 from lilota.errors import LilotaError, TaskAlreadyFinished, TaskNotFound
 from lilota.foreground import (
@@ -55,7 +63,6 @@ from lilota.foreground import (
 )
 from lilota.models import Task, TaskStatus
 from lilota.render import (
-    DURATION_UNITS,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -110,76 +117,7 @@ WATCH_INTERVAL = 0.25
 # beats every lease/3 (10 s with the default 30 s lease), a busy one every second.
 DEFAULT_SEEN_WITHIN = timedelta(seconds=60)
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
 _startup_reason = startup_reason  # its earlier name (tests use it)
-
-
-# ---------------------------------------------------------------------- parsing values
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30s``, ``15m``, ``12h``, ``7d``, ``2w`` (also ``1.5h``, ``1h30m``) as a timedelta.
-
-    Raises ValueError with a message saying what is accepted.
-    """
-    compact = re.sub(r"\s+", "", text.lower()) if isinstance(text, str) else ""
-    if not compact or _DURATION_PART.sub("", compact):
-        raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit (s, m, h, d or w), "
-            "e.g. 30s, 15m, 12h, 7d, 2w"
-        )
-    seconds = 0.0
-    seen: set[str] = set()
-    for number, unit in _DURATION_PART.findall(compact):
-        if unit in seen:
-            raise ValueError(f"invalid duration {text!r}: the unit {unit!r} appears twice")
-        seen.add(unit)
-        seconds += float(number) * DURATION_UNITS[unit]
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise ValueError(f"invalid duration {text!r}: too long") from None
-
-
-def _duration_arg(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _task_id_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid task id {text!r}: expected a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid task id {text!r}: ids start at 1")
-    return value
-
-
-def _positive_int_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return value
-
-
-def _status_arg(text: str) -> list[str]:
-    known = [s.value for s in TaskStatus]
-    statuses = [part.strip().lower() for part in text.split(",") if part.strip()]
-    if not statuses:
-        raise argparse.ArgumentTypeError(f"expected a status ({', '.join(known)})")
-    for status in statuses:
-        if status not in known:
-            raise argparse.ArgumentTypeError(
-                f"unknown status {status!r} (choose from {', '.join(known)})"
-            )
-    return statuses
 
 
 def task_to_dict(task: Task) -> dict[str, Any]:
@@ -375,10 +313,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     if args.burst:
+        if args.metrics_port is not None:
+            raise CommandError("--metrics-port does not apply to --burst", EXIT_USAGE)
         return run_burst(args.target, args.db_url)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     lilota, label = _workers_for(args, workers)
-    return run_until_signalled(lilota, label, workers)
+    if args.metrics_port is None:
+        return run_until_signalled(lilota, label, workers)
+    # Counts from the database, run times from the workers started inside (lilota.metrics).
+    with metrics.serving(lilota.store, args.metrics_host, args.metrics_port):
+        return run_until_signalled(lilota, label, workers)
 
 
 def _workers_for(args: argparse.Namespace, workers: int) -> tuple[Lilota, str]:
@@ -452,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         "-w",
-        type=_positive_int_arg,
+        type=positive_int_arg,
         default=None,
         help="number of worker processes (default: the number of CPUs)",
     )
@@ -468,17 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the tasks that are due in this process (and those they schedule), then "
         "exit, as RQ's burst mode: for cron jobs and CI (--workers does not apply)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=port_arg,
+        default=None,
+        help="serve Prometheus metrics on this port at /metrics (pip install 'lilota[metrics]')",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=metrics.DEFAULT_HOST,
+        help=f"address the metrics listen on (default: {metrics.DEFAULT_HOST})",
+    )
 
     p = command("tasks", cmd_tasks, help="list tasks, newest first")
-    p.add_argument("--status", "-s", type=_status_arg, help="only these statuses (comma separated)")
+    p.add_argument("--status", "-s", type=status_arg, help="only these statuses (comma separated)")
     p.add_argument("--name", "-n", help="only tasks with this name")
     p.add_argument(
-        "--limit", "-l", type=_positive_int_arg, default=50, help="at most this many (50)"
+        "--limit", "-l", type=positive_int_arg, default=50, help="at most this many (50)"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("show", cmd_show, help="one task in full")
-    p.add_argument("id", type=_task_id_arg, metavar="ID")
+    p.add_argument("id", type=task_id_arg, metavar="ID")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(
@@ -489,18 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Show the task's progress until it is completed (exit 0), failed (3) or cancelled (4)."
         ),
     )
-    p.add_argument("id", type=_task_id_arg, metavar="ID")
+    p.add_argument("id", type=task_id_arg, metavar="ID")
 
     p = command("cancel", cmd_cancel, help="cancel a pending or running task")
-    p.add_argument("id", type=_task_id_arg, metavar="ID")
+    p.add_argument("id", type=task_id_arg, metavar="ID")
 
     p = command("retry", cmd_retry, help="schedule a failed or cancelled task again")
-    p.add_argument("id", type=_task_id_arg, metavar="ID")
+    p.add_argument("id", type=task_id_arg, metavar="ID")
 
     p = command("stats", cmd_stats, help="counts, finishing rates and live workers")
     p.add_argument(
         "--seen-within",
-        type=_duration_arg,
+        type=duration_arg,
         default=DEFAULT_SEEN_WITHIN,
         metavar="DURATION",
         help="a worker is live if it sent a heartbeat within this (default 60s)",
@@ -518,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--older-than",
-        type=_duration_arg,
+        type=duration_arg,
         required=True,
         metavar="DURATION",
         help="e.g. 30s, 15m, 12h, 7d, 2w",
@@ -545,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=_positive_int_arg, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=positive_int_arg, default=8000, help="port (default: 8000)")
     p.add_argument(
         "--token",
         default=None,

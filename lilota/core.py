@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from lilota import validation
+from lilota import tracing, validation
 from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound, WorkerAlreadyStarted
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, check_options, new_task
@@ -363,20 +363,23 @@ class Lilota:
         :func:`lilota.registry.new_task`'s.
         """
         self._check_open()
-        task = new_task(
-            name,
-            input,
-            registry=self.registry,
-            known_names=self._known_names(),
-            clock=self._clock,
-            run_at=run_at,
-            delay=delay,
-            priority=priority,
-            unique_key=unique_key,
-            description=description,
-            max_attempts=max_attempts,
-        )
-        task_id = self.store.add(task)
+        with tracing.scheduling(name) as traced:  # a span if a trace is active (lilota[otel])
+            task = new_task(
+                name,
+                input,
+                registry=self.registry,
+                known_names=self._known_names(),
+                clock=self._clock,
+                run_at=run_at,
+                delay=delay,
+                priority=priority,
+                unique_key=unique_key,
+                description=description,
+                max_attempts=max_attempts,
+                trace_context=traced.context,
+            )
+            task_id = self.store.add(task)
+            traced.scheduled([task_id])
         self._remember([task_id])
         return task_id
 
@@ -402,19 +405,22 @@ class Lilota:
         options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
         # The same checks with no input: a bad option is refused even for an empty list.
         check_options(name, known_names=known_names, clock=self._clock, **options)
-        tasks = [
-            new_task(
-                name,
-                value,
-                registry=self.registry,
-                known_names=known_names,
-                clock=self._clock,
-                max_attempts=max_attempts,
-                **options,
-            )
-            for value in values
-        ]
-        ids = self.store.add_many(tasks)
+        with tracing.scheduling(name) as traced:  # one span for the batch (lilota[otel])
+            tasks = [
+                new_task(
+                    name,
+                    value,
+                    registry=self.registry,
+                    known_names=known_names,
+                    clock=self._clock,
+                    max_attempts=max_attempts,
+                    trace_context=traced.context,
+                    **options,
+                )
+                for value in values
+            ]
+            ids = self.store.add_many(tasks)
+            traced.scheduled(ids)
         self._remember(ids)
         return ids
 

@@ -15,6 +15,9 @@ the ``cpu_bound`` pool processes, and ``lilota.testing``'s inline mode (through
 3. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
    :func:`cancelled`, ...): the only places an Outcome of a run is made, and every error
    record comes from :meth:`lilota.models.TaskError.from_exception`.
+4. Observation: :func:`execute` and :func:`execute_async` run each attempt in its trace
+   span (:func:`lilota.tracing.attempt_span`) and count its run time
+   (:func:`lilota.metrics.observe_attempt`); both cost a check when unused.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lilota import serialization
+from lilota import metrics, serialization, tracing
 from lilota.context import TaskContext
 from lilota.errors import (
     DatabaseError,
@@ -219,10 +222,19 @@ def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]
             known = announced_names(store, name)
             if registry is not None:
                 known |= registry.names
-        task = new_task(
-            name, input, registry=registry, known_names=known, clock=store.clock, **options
-        )
-        return store.add(task)
+        with tracing.scheduling(name) as traced:  # a child of the attempt's span, if traced
+            task = new_task(
+                name,
+                input,
+                registry=registry,
+                known_names=known,
+                clock=store.clock,
+                trace_context=traced.context,
+                **options,
+            )
+            task_id = store.add(task)
+            traced.scheduled([task_id])
+            return task_id
 
     return schedule
 
@@ -308,27 +320,39 @@ def _finish(call: Call, outcome: Outcome) -> Outcome:
 def execute(call: Call) -> Outcome:
     """Run ``call`` in this thread and return its outcome (never raises for what the task
     does; ``KeyboardInterrupt`` and other ``BaseException`` pass through)."""
-    try:
-        kwargs = _arguments(call)
-        if call.definition.is_async:
-            result = asyncio.run(call.definition.func(**kwargs))
-        else:
-            result = call.definition.func(**kwargs)
-        outcome = _ended(call, result)
-    except (Exception, SystemExit) as error:
-        outcome = _raised(call, error)
-    return _finish(call, outcome)
+    started = time.monotonic()
+    # OBSERVATION: the attempt's trace span (lilota.tracing), current while it runs.
+    with tracing.attempt_span(call.claim) as span:
+        try:
+            kwargs = _arguments(call)
+            if call.definition.is_async:
+                result = asyncio.run(call.definition.func(**kwargs))
+            else:
+                result = call.definition.func(**kwargs)
+            outcome = _ended(call, result)
+        except (Exception, SystemExit) as error:
+            outcome = _raised(call, error)
+        outcome = span.ended(_finish(call, outcome))
+    # OBSERVATION: the attempt's run time (lilota.metrics).
+    metrics.observe_attempt(call.claim.name, outcome.status, time.monotonic() - started)
+    return outcome
 
 
 async def execute_async(call: Call) -> Outcome:
     """Await ``call`` (an ``async def`` task) on the running loop and return its outcome.
     ``asyncio.CancelledError`` (a timeout or a forced cancellation) passes through."""
-    try:
-        result = await call.definition.func(**_arguments(call))
-        outcome = _ended(call, result)
-    except (Exception, SystemExit) as error:
-        outcome = _raised(call, error)
-    return _finish(call, outcome)
+    started = time.monotonic()
+    # OBSERVATION: the attempt's trace span (lilota.tracing), current while it runs.
+    with tracing.attempt_span(call.claim) as span:
+        try:
+            result = await call.definition.func(**_arguments(call))
+            outcome = _ended(call, result)
+        except (Exception, SystemExit) as error:
+            outcome = _raised(call, error)
+        outcome = span.ended(_finish(call, outcome))
+    # OBSERVATION: the attempt's run time (lilota.metrics).
+    metrics.observe_attempt(call.claim.name, outcome.status, time.monotonic() - started)
+    return outcome
 
 
 __all__ = [

@@ -326,7 +326,8 @@ DEFAULT_MAX_RECOVERIES = 3
 
 @dataclass(frozen=True, kw_only=True)
 class NewTask:
-    """A row to insert. ``input`` is JSON text made by :mod:`lilota.serialization`."""
+    """A row to insert. ``input`` is JSON text made by :mod:`lilota.serialization`;
+    ``trace_context`` the scheduling span's W3C context as JSON (:mod:`lilota.tracing`)."""
 
     name: str
     input: str | None = None
@@ -337,6 +338,7 @@ class NewTask:
     unique_key: str | None = None
     schedule_key: str | None = None
     max_recoveries: int = DEFAULT_MAX_RECOVERIES
+    trace_context: str | None = None
 
     def __post_init__(self) -> None:
         # Before anything is written, so that schedule() refuses these alike on every
@@ -363,6 +365,7 @@ class NewTask:
             "attempts": 0,
             "progress_percentage": 0,
             "cancel_requested": False,
+            "trace_context": self.trace_context,
         }
 
 
@@ -411,6 +414,7 @@ class Claim:
     max_attempts: int
     fence: int
     recoveries: int = 0  # runs before this one whose worker was lost
+    trace_context: str | None = None  # the scheduling span's, as NewTask.trace_context
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -331,6 +331,7 @@ def new_task(
     description: str | None = None,
     max_attempts: int | None = None,
     schedule_key: str | None = None,
+    trace_context: str | None = None,
 ) -> NewTask:
     """Check the arguments of one new task and return the row to insert (nothing is written).
 
@@ -343,7 +344,8 @@ def new_task(
     ``known_names``: when given, a name not in it is refused; None accepts any name a task
     can be registered under (it is stored for workers that know it). ``clock`` gives naive
     UTC now; it is needed (and called) only for a ``delay``. ``max_attempts`` None means
-    the registered value (1 for a task not registered here).
+    the registered value (1 for a task not registered here). ``trace_context``: the
+    scheduling span's, stored with the task (:func:`lilota.tracing.scheduling`).
 
     Raises, in this order, writing nothing: the errors of :func:`check_options`; then
     :class:`~lilota.errors.InvalidInput` and :class:`~lilota.errors.SerializationError`
@@ -370,7 +372,12 @@ def new_task(
         options["max_attempts"] = effective_max_attempts(definition)
     recoveries = DEFAULT_MAX_RECOVERIES if definition is None else definition.max_recoveries
     return NewTask(
-        name=name, input=text, schedule_key=schedule_key, max_recoveries=recoveries, **options
+        name=name,
+        input=text,
+        schedule_key=schedule_key,
+        max_recoveries=recoveries,
+        trace_context=trace_context,
+        **options,
     )
 
 

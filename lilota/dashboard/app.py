@@ -30,7 +30,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from lilota import __version__, validation
+from lilota import __version__, metrics, validation
 from lilota.dashboard.security import (
     AUTH_COOKIE,
     CSRF_COOKIE,
@@ -163,6 +163,7 @@ class _Dashboard:
         self.page_template = _read_page("index.html")
         self.login_template = _read_page("login.html")
         self.version = html.escape(__version__, quote=True)
+        self.registry: Any = None  # the metrics registry, made at the first scrape
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -175,6 +176,7 @@ class _Dashboard:
             Route("/api/workers", self.api_workers),
             Route("/api/tasks/{id:int}", self.api_task),
             Route("/api/tasks/{id:int}/{action:str}", self.api_action, methods=["POST"]),
+            Route("/metrics", self.metrics),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
 
@@ -355,6 +357,25 @@ class _Dashboard:
                 "unserved": dict(sorted(unserved.items())),
             }
         )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics (lilota[metrics]): the database counts, and the run times of
+        workers on this host when ``PROMETHEUS_MULTIPROC_DIR`` names their directory.
+        Guarded as the API is: with a token, Prometheus sends it as a bearer token."""
+        refused = self.guard_api(request)
+        if refused is not None:
+            return refused
+        try:
+            if self.registry is None:
+                self.registry = metrics.registry_for(self.store)
+        except metrics.MetricsUnavailable as e:
+            return error(501, str(e))
+        from prometheus_client.exposition import choose_encoder
+
+        # The format Prometheus asks for (text, or OpenMetrics), as its own server does.
+        encode, media_type = choose_encoder(request.headers.get("accept", ""))
+        body = await self.db(encode, self.registry)
+        return Response(body, media_type=media_type)
 
     async def api_action(self, request: Request) -> Response:
         refused = self.guard_api(request)

@@ -55,6 +55,7 @@ CLAIMED = (
     "max_attempts",
     "priority",
     "run_at",
+    "trace_context",
 )
 
 
@@ -412,17 +413,17 @@ class PostgresDialect(Dialect):
             "insert_many": sa.text(f"""
                 INSERT INTO lilota_task (name, status, input, run_at, priority, max_attempts,
                     description, unique_key, schedule_key, created_at, attempts,
-                    progress_percentage, cancel_requested, max_recoveries)
+                    progress_percentage, cancel_requested, max_recoveries, trace_context)
                 SELECT n.name, '{PENDING}', n.input, n.run_at, n.priority, n.max_attempts,
                     n.description, n.unique_key, n.schedule_key, CAST(:now AS timestamp), 0, 0,
-                    false, n.max_recoveries
+                    false, n.max_recoveries, n.trace_context
                 FROM unnest(CAST(:names AS varchar[]), CAST(:inputs AS text[]),
                     CAST(:run_ats AS timestamp[]), CAST(:priorities AS integer[]),
                     CAST(:max_attempts AS integer[]), CAST(:descriptions AS text[]),
                     CAST(:unique_keys AS varchar[]), CAST(:schedule_keys AS varchar[]),
-                    CAST(:max_recoveries AS integer[])
+                    CAST(:max_recoveries AS integer[]), CAST(:trace_contexts AS text[])
                 ) WITH ORDINALITY AS n(name, input, run_at, priority, max_attempts, description,
-                    unique_key, schedule_key, max_recoveries, position)
+                    unique_key, schedule_key, max_recoveries, trace_context, position)
                 ORDER BY n.position RETURNING id"""),
             # The claim by hand: names as one array parameter, so the text never changes and
             # psycopg prepares it once per connection; ids by = ANY(ARRAY(...)), which reads
@@ -526,6 +527,7 @@ class PostgresDialect(Dialect):
             "unique_keys": [t.unique_key for t in tasks],
             "schedule_keys": [t.schedule_key for t in tasks],
             "max_recoveries": [t.max_recoveries for t in tasks],
+            "trace_contexts": [t.trace_context for t in tasks],
         }
         return sorted(int(r[0]) for r in conn.execute(self.sql["insert_many"], params))
 

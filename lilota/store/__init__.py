@@ -35,6 +35,7 @@ from lilota.models import Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
 from lilota.models import utcnow as utcnow
 from lilota.store import from1x, schema
+from lilota.store.gauges import Gauges, read_gauges
 from lilota.store.schema import (
     ACTIVE,
     FINAL,
@@ -276,6 +277,7 @@ class TaskStore:
                 max_attempts=n,
                 fence=r.fence,
                 recoveries=r.recoveries,
+                trace_context=r.trace_context,
             )
             for r, n in zip(rows, limits, strict=True)
         ]
@@ -580,6 +582,10 @@ class TaskStore:
         served = {n for w in self.workers(seen_within=seen_within) for n in w["task_names"]}
         query = sa.select(_t.name, sa.func.count()).where(_t.status == PENDING).group_by(_t.name)
         return {name: int(n) for name, n in self._all(query) if name not in served}
+
+    def gauges(self, live_within: timedelta) -> Gauges:
+        """What the metrics collector reads at each scrape (:mod:`lilota.store.gauges`)."""
+        return read_gauges(self, live_within)
 
     def finished_since(self, since: datetime) -> int:
         """How many tasks reached a final state since ``since``."""

@@ -17,6 +17,9 @@ Versions:
    times, apart from ``max_attempts``), ``legacy_id`` (the UUID of a task moved over from
    lilota 1.x), and on SQLite ``AUTOINCREMENT``, so ids deleted by ``cleanup()`` are never
    given to a new task.
+3. ``trace_context``: the W3C trace context (``traceparent``/``tracestate``, as JSON) of
+   the span that scheduled the task, when OpenTelemetry was in use; the worker continues
+   that trace (:mod:`lilota.tracing`). Nullable, written only when a trace is active.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from lilota.models import DEFAULT_MAX_RECOVERIES, FINAL_STATUSES, TaskStatus
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PENDING = TaskStatus.PENDING.value
 RUNNING = TaskStatus.RUNNING.value
@@ -75,6 +78,8 @@ task_table = sa.Table(
         "max_recoveries", sa.Integer, nullable=False, server_default=str(DEFAULT_MAX_RECOVERIES)
     ),
     sa.Column("legacy_id", sa.String(36)),
+    # Version 3.
+    sa.Column("trace_context", sa.Text),
     sqlite_autoincrement=True,
 )
 _t = task_table.c
@@ -218,6 +223,14 @@ def _to_v2(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _to_v3(conn: Connection) -> None:
+    """Version 2 -> 3: the nullable ``trace_context`` column (no row changes). A table
+    rebuilt by :func:`_to_v2` in the same upgrade has it already."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("lilota_task")}
+    if "trace_context" not in columns:
+        _add_column(conn, task_table.c.trace_context)
+
+
 def _add_column(conn: Connection, column: sa.Column[Any]) -> None:
     ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
     conn.execute(sa.text(f"ALTER TABLE lilota_task ADD COLUMN {ddl}"))
@@ -241,4 +254,4 @@ def _rebuild_sqlite_task_table(conn: Connection) -> None:
 
 
 #: The migration to each version from the one before.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3}

@@ -160,9 +160,9 @@ def test_migrate_creates_the_tables_that_tasks_then_lists(tmp_path: Path) -> Non
 
     created = run_cli("--db-url", url, "migrate")
     assert created.returncode == 0, created.stderr
-    assert "created" in created.stdout and "schema version 2" in created.stdout
+    assert "created" in created.stdout and "schema version 3" in created.stdout
     again, listed = run_many([["--db-url", url, "migrate"], ["tasks", "--db-url", url, "--json"]])
-    assert again.returncode == 0 and "up to date: schema version 2" in again.stdout
+    assert again.returncode == 0 and "up to date: schema version 3" in again.stdout
     assert parse_json(listed) == []
 
 

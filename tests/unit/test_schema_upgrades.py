@@ -1,5 +1,5 @@
-"""Databases made by earlier releases, on both backends: lilota 2's schema version 1
-(upgraded in place), lilota 1.x (refused until moved over with ``--from-1x``), and tables
+"""Databases made by earlier releases, on both backends: lilota 2's schema versions 1
+and 2 (upgraded in place), lilota 1.x (refused until moved over with ``--from-1x``), and tables
 lilota did not make (refused, never stamped).
 
 The fixtures were made by the code of those releases (scripts/make-schema-fixtures.sh,
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -36,6 +37,19 @@ def load(url: str, fixture: str) -> None:
         conn.execute((FIXTURES / f"{fixture}.postgres.sql").read_text())  # type: ignore[arg-type]
 
 
+def columns_and_versions(url: str) -> tuple[dict[str, Any], list[int], list[Any]]:
+    """The task table's columns, the schema versions recorded, and every trace_context."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            columns = {c["name"]: c for c in sa.inspect(conn).get_columns("lilota_task")}
+            versions = conn.execute(sa.text("SELECT version FROM lilota_schema ORDER BY 1"))
+            stored = conn.execute(sa.text("SELECT trace_context FROM lilota_task"))
+            return columns, [v for (v,) in versions], [s for (s,) in stored]
+    finally:
+        engine.dispose()
+
+
 def tables(url: str) -> set[str]:
     engine = sa.create_engine(url)
     try:
@@ -53,7 +67,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_every_task(lilota_db_
     store = TaskStore(lilota_db_url)
     assert store.schema_version() == 1
     store.ensure_schema()
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     tasks = {t.id: t for t in store.list_tasks(limit=10)}
     statuses = {i: t.status.value for i, t in tasks.items()}
     assert statuses == {1: "completed", 2: "failed", 3: "running", 4: "cancelled", 5: "pending"}
@@ -94,6 +108,46 @@ def test_a_second_process_opening_an_upgraded_database_changes_nothing(lilota_db
     assert len(second.list_tasks(limit=10)) == 5
     first.dispose()
     second.dispose()
+
+
+# ----------------------------------------------------------------- lilota 2, version 2
+
+
+def test_a_version_2_database_gains_the_trace_context_column_keeping_every_task(
+    lilota_db_url: str,
+) -> None:
+    load(lilota_db_url, "schema/v2")
+    store = TaskStore(lilota_db_url)
+    assert store.schema_version() == 2
+    store.ensure_schema()
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    columns, versions, stored = columns_and_versions(lilota_db_url)
+    assert columns["trace_context"]["nullable"]
+    assert versions == [2, 3]
+    assert stored == [None] * 5  # no row is changed
+    tasks = {t.id: t for t in store.list_tasks(limit=10)}
+    statuses = {i: t.status.value for i, t in tasks.items()}
+    assert statuses == {1: "completed", 2: "failed", 3: "running", 4: "cancelled", 5: "pending"}
+    assert tasks[1].output == {"sum": 2} and tasks[3].progress_percentage == 40
+    # The attempt running during the upgrade records its end; the pending task is claimed
+    # with no trace context, and a new one keeps the context it is given.
+    assert store.finish([Outcome(id=3, fence=1, status="completed", output='"late"')]) == 1
+    (claim,) = store.claim(worker_id="w", names=["add"], limit=1, lease=LEASE)
+    assert (claim.id, claim.trace_context) == (5, None)
+    context = '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    assert store.add(NewTask(name="later", trace_context=context)) == 6
+    (claim,) = store.claim(worker_id="w", names=["later"], limit=1, lease=LEASE)
+    assert claim.trace_context == context
+    store.dispose()
+
+
+def test_a_version_1_database_is_upgraded_through_version_2_to_3(lilota_db_url: str) -> None:
+    load(lilota_db_url, "schema/v1")
+    store = TaskStore(lilota_db_url)
+    store.ensure_schema()
+    columns, versions, _ = columns_and_versions(lilota_db_url)
+    assert versions == [1, 2, 3] and "trace_context" in columns
+    store.dispose()
 
 
 # ----------------------------------------------------------------- lilota 1.x
