@@ -51,6 +51,7 @@ from lilota.foreground import (
     looks_like_script,
     run_burst,
     run_until_signalled,
+    setup_logging,
     startup_reason,
 )
 from lilota.models import Task, TaskStatus
@@ -369,11 +370,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     if is_worker_process():
         raise CommandError("`lilota worker` cannot run inside a lilota worker process")
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     if args.burst:
         return run_burst(args.target, args.db_url)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -458,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["debug", "info", "warning", "error"],
-        help="log level of this process (default: info)",
+        help="log level of this process and of the lilota loggers of its workers (default: info)",
     )
     p.add_argument(
         "--burst",

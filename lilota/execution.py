@@ -12,7 +12,11 @@ the ``cpu_bound`` pool processes, and ``lilota.testing``'s inline mode (through
    ``input_model``, calls the function and turns what happened into an
    :class:`~lilota.models.Outcome` (an input that does not fit fails the attempt like
    any error); they never raise for what the task did.
-3. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
+3. :func:`begin` and :func:`end` frame each attempt that starts: they tell its observers
+   (:mod:`lilota.hooks`: the task log, metrics or tracing, the application's hooks) when
+   it starts and how it ended, once its outcome is final (after a lane's own rules:
+   timeout, cancellation). Every lane calls them; nothing else tells the observers.
+4. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
    :func:`cancelled`, ...): the only places an Outcome of a run is made, and every error
    record comes from :meth:`lilota.models.TaskError.from_exception`.
 """
@@ -41,6 +45,7 @@ from lilota.errors import (
     TaskTimeout,
     WorkerLost,
 )
+from lilota.hooks import Attempt, Hooks, TaskInfo, notify_ended, notify_started
 from lilota.models import Claim, Outcome, TaskError, TaskProgress, TaskStatus
 from lilota.registry import effective_max_attempts, new_task
 
@@ -176,6 +181,7 @@ class Call:
     progress: TaskProgress
     context: TaskContext | None
     clock: Callable[[], datetime]
+    attempt: Attempt | None = None  # its observers' view (None in a cpu_bound pool process)
 
     @property
     def cancel_requested(self) -> bool:
@@ -190,11 +196,13 @@ def prepare(
     registry: Registry | None = None,
     write_progress: Callable[[int], None] | None = None,
     cancel_event: threading.Event | None = None,
+    attempt: Attempt | None = None,
 ) -> Call:
     """Build the progress handle and the context for one run of ``claim``.
 
     Progress goes to ``write_progress`` (default: :func:`progress_writer` on ``store``);
-    ``cancel_event`` is the flag the task's ``cancelled`` reads.
+    ``cancel_event`` is the flag the task's ``cancelled`` reads; ``attempt`` (from
+    :func:`begin`) is told the exception the task raises.
     """
     write = write_progress if write_progress is not None else progress_writer(store, claim)
     progress = TaskProgress(claim.id, write, cancel_event or threading.Event())
@@ -202,7 +210,30 @@ def prepare(
     if definition.context_param is not None:
         schedule = scheduler(store, registry)
         context = TaskContext.for_claim(claim, progress=progress, schedule=schedule)
-    return Call(claim, definition, progress, context, store.clock)
+    return Call(claim, definition, progress, context, store.clock, attempt)
+
+
+def begin(
+    claim: Claim, definition: TaskDefinition, *, worker_id: str, hooks: Hooks | None
+) -> Attempt:
+    """An attempt of ``claim`` starts in this process (worker ``worker_id``): tell its
+    observers (the task log, :func:`lilota.hooks.add_observer`'s, then ``hooks``'
+    ``before_task``). Returns the attempt, for :func:`prepare` and :func:`end`."""
+    info = TaskInfo.for_claim(
+        claim,
+        max_attempts=effective_max_attempts(definition, claim.max_attempts),
+        worker_id=worker_id,
+    )
+    attempt = Attempt(info, hooks)
+    notify_started(attempt)
+    return attempt
+
+
+def end(attempt: Attempt, outcome: Outcome, now: datetime) -> None:
+    """``attempt`` ended with ``outcome``, final as it will be recorded (``now``: the
+    store's time): tell its observers (``on_failure`` and ``after_task`` hooks last).
+    Never raises for what an observer does."""
+    notify_ended(attempt, outcome, now)
 
 
 def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]:
@@ -293,9 +324,10 @@ def _ended(call: Call, result: Any) -> Outcome:
 
 def _raised(call: Call, error: BaseException) -> Outcome:
     claim = call.claim
+    if call.attempt is not None:
+        call.attempt.exception = error
     if isinstance(error, TaskCancelled):
         return cancelled(claim, error)
-    log.info("task %d (%s) attempt %d raised %r", claim.id, claim.name, claim.attempt, error)
     return failed(claim, call.definition, error, call.clock())
 
 
@@ -334,11 +366,13 @@ async def execute_async(call: Call) -> Outcome:
 __all__ = [
     "Call",
     "announced_names",
+    "begin",
     "cancelled",
     "cancelled_before_start",
     "cancelled_while_running",
     "completed",
     "did_not_stop",
+    "end",
     "execute",
     "execute_async",
     "failed",

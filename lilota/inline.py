@@ -114,6 +114,7 @@ def run_pending(
     settings = WorkerSettings(lease=timedelta(seconds=_INLINE_LEASE_SECONDS))
     worker_id = f"inline:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     loop = WorkerLoop(store, lilota.registry, settings, worker_id=worker_id)
+    lilota.registry.hooks.run_worker_init()  # once in this process, as in a worker
 
     def due_now(outcome: Outcome) -> Outcome:
         if outcome.status == "pending" and outcome.run_at is not None:
