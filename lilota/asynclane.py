@@ -315,7 +315,7 @@ class AsyncLane:
     async def _execute(self, running: Running) -> None:
         claim, definition = running.claim, running.definition
         now = self.store.clock
-        attempt = execution.begin(
+        running.attempt = attempt = execution.begin(
             claim, definition, worker_id=self.worker_id, hooks=self.registry.hooks
         )
         try:
@@ -347,8 +347,8 @@ class AsyncLane:
         if running.cancel_event.is_set():  # told to stop: cancelled, never retried
             outcome = execution.cancelled_while_running(outcome)
         self._tasks.pop(claim.id, None)
-        self.ledger.end(running, outcome)  # False: the keeper ended it, and the process
-        execution.end(attempt, outcome, now())
+        if self.ledger.end(running, outcome):  # else the keeper ended it, and the process
+            execution.end(attempt, outcome, now())
         assert self._wakeup is not None
         self._wakeup.set()
 

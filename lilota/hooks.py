@@ -205,13 +205,14 @@ class Hooks:
         return sum(len(funcs) for funcs in self._hooks.values())
 
     def run_worker_init(self) -> None:
-        """Run the worker_init hooks, once per process (later calls do nothing). What a
-        hook raises is raised: a worker whose set-up failed does not start."""
+        """Run the worker_init hooks, once per process (later calls do nothing once they
+        all returned). What a hook raises is raised: a worker whose set-up failed does
+        not start."""
         if self._initialized_in == os.getpid():
             return
-        self._initialized_in = os.getpid()
         for func in self._hooks["worker_init"]:
             func()
+        self._initialized_in = os.getpid()
 
     def task_started(self, task: TaskInfo) -> None:
         self._call("before_task", task)

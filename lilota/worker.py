@@ -305,7 +305,7 @@ class WorkerLoop:
             outcome = execution.cancelled_before_start(claim)
             self.ledger.record(outcome)
             return outcome
-        attempt = execution.begin(
+        running.attempt = attempt = execution.begin(
             claim, definition, worker_id=self.worker_id, hooks=self.registry.hooks
         )
         call = execution.prepare(
@@ -320,15 +320,17 @@ class WorkerLoop:
             outcome = execution.execute(call)
         except BaseException as error:
             outcome = execution.failed(claim, definition, error, call.clock())
-            self.ledger.end(running, outcome)
-            execution.end(attempt, outcome, call.clock())
+            if self.ledger.end(running, outcome):
+                execution.end(attempt, outcome, call.clock())
             raise
         if adjust is not None:
             outcome = adjust(outcome)
         duration = time.monotonic() - running.started
         self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
+        if not self.ledger.end(running, outcome):
+            return None  # the keeper ended it (and told its observers)
         execution.end(attempt, outcome, call.clock())
-        return outcome if self.ledger.end(running, outcome) else None
+        return outcome
 
     def flush(self) -> None:
         """Record the outcomes the ledger holds (kept there if the database is away)."""

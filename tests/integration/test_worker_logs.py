@@ -93,6 +93,18 @@ async def waits(x: int, ctx: TaskContext) -> int:
     return x + 1
 
 
+@lilota.register("slow", timeout=0.5)
+def slow(x: int) -> None:
+    import time
+    time.sleep(60)
+
+
+@lilota.register("nap", timeout=0.3)
+async def nap(x: int) -> None:
+    import asyncio
+    await asyncio.sleep(60)
+
+
 @lilota.register("crunch", cpu_bound=True)
 def crunch(x: int) -> int:
     raise KeyError("no such key")
@@ -331,3 +343,26 @@ def test_lilota_worker_command_gives_its_log_level_to_the_workers(tmp_path: Path
     assert re.search(
         line("INFO", "lilota.tasks", rf"task {task} ok attempt 1/1 completed in [\d.]+ s"), err
     )
+
+
+def test_a_timeout_is_logged_and_told_to_the_hooks_in_both_lanes(tmp_path: Path) -> None:
+    # One run each: the sync lane's timeout ends its worker process (it is replaced).
+    nap, nap_err = run_driver(tmp_path, ["nap"])
+    slow, slow_err = run_driver(tmp_path, ["slow"])
+    assert (nap["nap"], slow["slow"]) == ("failed", "failed")
+    for name, statuses, err, seconds in (
+        ("nap", nap, nap_err, "0.3"),
+        ("slow", slow, slow_err, "0.5"),
+    ):
+        task = statuses[f"{name}.id"]
+        assert re.search(
+            line(
+                "ERROR",
+                "lilota.tasks",
+                rf"task {task} {name} attempt 1/1 failed in [\d.]+ s: lilota.errors.TaskTimeout: "
+                rf"task {task} \({name}\) ran longer than its timeout of {seconds} s.*; not retried",
+            ),
+            err,
+        ), err
+    ended = {n["id"]: n["status"] for n in hook_notes(tmp_path) if n["hook"] == "after_task"}
+    assert ended == {int(nap["nap.id"]): "failed", int(slow["slow.id"]): "failed"}
