@@ -125,11 +125,21 @@ class TaskOutcome:
 
     status: str
     duration: float
-    output: Any = None
+    output_json: str | None = field(default=None, repr=False)
     error: TaskError | None = None
     exception: BaseException | None = None
     retry_at: datetime | None = None
     retry_in: float | None = None  # seconds from the end of this attempt to ``retry_at``
+
+    @property
+    def output(self) -> Any:
+        """The stored output, decoded (the raw text if it is not JSON); None if none."""
+        if self.output_json is None:
+            return None
+        try:
+            return json.loads(self.output_json)
+        except ValueError:
+            return self.output_json
 
     @property
     def will_retry(self) -> bool:
@@ -322,17 +332,11 @@ def outcome_of(attempt: Attempt, outcome: Outcome, now: datetime) -> TaskOutcome
     exception = attempt.exception
     if exception is not None and (error is None or error.type != _type_name(exception)):
         exception = None  # the recorded error is another one (a timeout, a cancellation)
-    output = None
-    if outcome.output is not None:
-        try:
-            output = json.loads(outcome.output)
-        except ValueError:
-            output = outcome.output
     retry_at = outcome.run_at if outcome.status == TaskStatus.PENDING.value else None
     return TaskOutcome(
         status=outcome.status,
         duration=time.monotonic() - attempt.started,
-        output=output,
+        output_json=outcome.output,
         error=error,
         exception=exception,
         retry_at=retry_at,
