@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from lilota import Lilota
+
 REPO = Path(__file__).resolve().parents[2]
 # Upper bound for anything to happen; only reached when something is broken.
 PATIENCE = 90.0
@@ -366,3 +368,49 @@ def test_a_timeout_is_logged_and_told_to_the_hooks_in_both_lanes(tmp_path: Path)
         ), err
     ended = {n["id"]: n["status"] for n in hook_notes(tmp_path) if n["hook"] == "after_task"}
     assert ended == {int(nap["nap.id"]): "failed", int(slow["slow.id"]): "failed"}
+
+
+SCRIPT = """
+import os
+from lilota import LilotaWorker
+
+worker = LilotaWorker(logging_level="debug")  # the earlier release's spelling
+
+
+@worker.register("ok")
+def ok(x: int) -> int:
+    return x
+
+
+@worker.after_task
+def after(task, outcome):
+    with open(os.path.join(os.path.dirname(__file__), "ended"), "a") as f:
+        f.write(f"{task.id} {outcome.status}\\n")
+
+
+worker.start()
+"""
+
+
+def test_a_worker_script_keeps_the_level_its_lilota_worker_was_given(tmp_path: Path) -> None:
+    (tmp_path / "script.py").write_text(SCRIPT)
+    url = f"sqlite:///{tmp_path}/script.db"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lilota", "worker", "script.py", "--workers", "1", "--db-url", url],
+        cwd=tmp_path,
+        env=env_for(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    ended = tmp_path / "ended"
+    try:
+        task = Lilota(url, number_of_workers=0).schedule("ok", 1)
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline and not ended.exists():
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=PATIENCE)
+    assert ended.read_text() == f"{task} completed\n"
+    assert re.search(line("DEBUG", "lilota.tasks", rf"task {task} ok attempt 1/1 started"), err)
