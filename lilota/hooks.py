@@ -25,8 +25,10 @@ The hooks an application registers, by decorator on its ``Lilota`` or ``LilotaWo
 
 A hook or observer that raises is logged (with its traceback) and the others still run;
 the task's outcome is never changed by it. Hooks are plain functions, run in the thread
-that ran the task (for ``async def`` tasks: the worker's event loop thread, so keep them
-short); for ``cpu_bound`` tasks they run in the worker process, not in the pool process.
+that ran the task (for ``async def`` and ``cpu_bound`` tasks: the worker's event loop
+thread, so keep them short; ``cpu_bound`` tasks' hooks run in the worker process, not in
+the pool process). A plain function past its timeout cannot be stopped: its worker
+process is replaced, and the lease keeper's thread tells the observers just before.
 """
 
 from __future__ import annotations
