@@ -34,6 +34,7 @@ from lilota.errors import (
     WorkerLost,
     WorkerStartupError,
 )
+from lilota.hooks import TaskInfo, TaskOutcome
 from lilota.models import ModelProtocol, Task, TaskError, TaskProgress, TaskStatus
 from lilota.schedules import crontab, every
 from lilota.worker import LilotaWorker
@@ -67,9 +68,11 @@ __all__ = [
     "TaskCancelled",
     "TaskContext",
     "TaskError",
+    "TaskInfo",
     "TaskNotFound",
     "TaskNotRegistered",
     "TaskNotRetryable",
+    "TaskOutcome",
     "TaskProgress",
     "TaskStatus",
     "TaskTimeout",

@@ -269,7 +269,6 @@ class AsyncLane:
                 running.definition.timeout.total_seconds(), self._time_out, running
             )
             task.add_done_callback(lambda _: timer.cancel())
-        log.debug("task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
 
     async def _watch(self) -> None:
         """Cancel the tasks that did not stop within the grace after a cancellation request."""
@@ -316,6 +315,9 @@ class AsyncLane:
     async def _execute(self, running: Running) -> None:
         claim, definition = running.claim, running.definition
         now = self.store.clock
+        running.attempt = attempt = execution.begin(
+            claim, definition, worker_id=self.worker_id, hooks=self.registry.hooks
+        )
         try:
             if definition.cpu_bound:
                 outcome = await self._run_in_pool(running)
@@ -327,6 +329,7 @@ class AsyncLane:
                     registry=self.registry,
                     write_progress=lambda pct: self._write_progress(claim, pct),
                     cancel_event=running.cancel_event,
+                    attempt=attempt,
                 )
                 outcome = await execution.execute_async(call)
         except asyncio.CancelledError as error:
@@ -335,7 +338,7 @@ class AsyncLane:
             lost = WorkerLost(f"task {claim.id}: the pool process running it ended")
             outcome = execution.failed(claim, definition, lost, now())
         except Exception as error:  # e.g. a cpu_bound task that cannot be pickled
-            log.error("task %d (%s) could not be run: %r", claim.id, claim.name, error)
+            attempt.exception = error
             outcome = execution.failed(claim, definition, error, now())
         if running.timed_out:
             outcome = execution.timed_out(claim, definition, now())
@@ -344,14 +347,8 @@ class AsyncLane:
         if running.cancel_event.is_set():  # told to stop: cancelled, never retried
             outcome = execution.cancelled_while_running(outcome)
         self._tasks.pop(claim.id, None)
-        self.ledger.end(running, outcome)  # False: the keeper ended it, and the process
-        log.debug(
-            "task %d (%s) ends %s in %.3f s",
-            claim.id,
-            claim.name,
-            outcome.status,
-            time.monotonic() - running.started,
-        )
+        if self.ledger.end(running, outcome):  # else the keeper ended it, and the process
+            execution.end(attempt, outcome, now())
         assert self._wakeup is not None
         self._wakeup.set()
 

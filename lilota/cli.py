@@ -59,6 +59,7 @@ from lilota.foreground import (
     looks_like_script,
     run_burst,
     run_until_signalled,
+    setup_logging,
     startup_reason,
 )
 from lilota.models import Task, TaskStatus
@@ -307,11 +308,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     if is_worker_process():
         raise CommandError("`lilota worker` cannot run inside a lilota worker process")
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     if args.burst:
         if args.metrics_port is not None:
             raise CommandError("--metrics-port does not apply to --burst", EXIT_USAGE)
@@ -402,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["debug", "info", "warning", "error"],
-        help="log level of this process (default: info)",
+        help="log level of this process and of the lilota loggers of its workers (default: info)",
     )
     p.add_argument(
         "--burst",

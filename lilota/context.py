@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 
 class _TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Adds the task id and attempt to every record (as ``extra`` and in the message)."""
+    """Adds the task id to every record's message, and as ``extra`` fields the task id,
+    name and attempt (``lilota_task_id``, ``lilota_task_name``, ``lilota_attempt``, the
+    names of lilota's own task records; ``task_id``, ``task_name``, ``attempt`` too)."""
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
@@ -58,7 +60,14 @@ class TaskContext:
     ) -> TaskContext:
         logger = _TaskLogger(
             logging.getLogger(f"lilota.task.{claim.name}"),
-            {"task_id": claim.id, "task_name": claim.name, "attempt": claim.attempt},
+            {
+                "task_id": claim.id,
+                "task_name": claim.name,
+                "attempt": claim.attempt,
+                "lilota_task_id": claim.id,
+                "lilota_task_name": claim.name,
+                "lilota_attempt": claim.attempt,
+            },
         )
         return cls(
             task_id=claim.id,

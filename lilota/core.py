@@ -16,6 +16,8 @@ from typing import Any
 
 from lilota import tracing, validation
 from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound, WorkerAlreadyStarted
+from lilota.hooks import HookDecorators
+from lilota.logs import ENV_LOG_LEVEL
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, check_options, new_task
 from lilota.settings import (
@@ -48,13 +50,19 @@ log = logging.getLogger(__name__)
 _PRUNE_AT = 10_000
 
 
-class Lilota:
+class Lilota(HookDecorators):
     """Schedules tasks, reads them back, and runs worker processes.
 
     ``Lilota(db_url)`` alone is a scheduler (a web app); ``start()`` also starts
     ``number_of_workers`` worker processes that run either ``script_path`` (a script that
     registers tasks on a :class:`~lilota.worker.LilotaWorker` and calls its ``start()``)
-    or, without a script, the tasks registered on this instance with :meth:`register`.
+    or, without a script, the tasks registered on this instance with :meth:`register`
+    (and its hooks: ``@lilota.worker_init``, ``before_task``, ``after_task``,
+    ``on_failure``; see :mod:`lilota.hooks`).
+
+    ``log_level`` (``logging_level``, the earlier release's name): the level of the
+    ``lilota`` logger here and in the worker processes this instance starts (their log
+    lines go to stderr unless the application configured logging; see :mod:`lilota.logs`).
     """
 
     def __init__(
@@ -70,10 +78,16 @@ class Lilota:
         registry: Registry | None = None,
         async_concurrency: int | None = None,
         cpu_bound_processes: int | None = None,
+        log_level: int | str | None = None,
         logging_level: int | str | None = None,
     ) -> None:
-        # The earlier release's logging_level: the level of the "lilota" logger here.
-        set_logging_level(logging_level)
+        if log_level is not None and logging_level is not None:
+            raise ConfigurationError("give log_level or logging_level (its earlier name), not both")
+        # The level of the "lilota" logger here, and in the worker processes (shipped).
+        self.log_level = set_logging_level(
+            logging_level if log_level is None else log_level,
+            "logging_level" if log_level is None else "log_level",
+        )
         if db_url is None:
             db_url = default_db_url()
         self.db_url = str(db_url)
@@ -219,6 +233,8 @@ class Lilota:
             cpu_bound_processes=self.cpu_bound_processes,
         )
         env: dict[str, str] = {ENV_SETTINGS: settings.to_json()}
+        if self.log_level is not None:
+            env[ENV_LOG_LEVEL] = str(self.log_level)
         if self.script_path is not None:
             env[ENV_SCRIPT] = self.script_path
             return list(BOOT_SCRIPT_ARGV), env

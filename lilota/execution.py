@@ -12,12 +12,18 @@ the ``cpu_bound`` pool processes, and ``lilota.testing``'s inline mode (through
    ``input_model``, calls the function and turns what happened into an
    :class:`~lilota.models.Outcome` (an input that does not fit fails the attempt like
    any error); they never raise for what the task did.
-3. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
+3. :func:`begin` and :func:`end` frame each attempt that starts: they tell its observers
+   (:mod:`lilota.hooks`: the task log, metrics or tracing, the application's hooks) when
+   it starts and how it ended, once its outcome is final (after a lane's own rules:
+   timeout, cancellation). Every lane calls them; nothing else tells the observers.
+4. The outcome rules are the named constructors below (:func:`completed`, :func:`failed`,
    :func:`cancelled`, ...): the only places an Outcome of a run is made, and every error
    record comes from :meth:`lilota.models.TaskError.from_exception`.
-4. Observation: :func:`execute` and :func:`execute_async` run each attempt in its trace
-   span (:func:`lilota.tracing.attempt_span`) and count its run time
-   (:func:`lilota.metrics.observe_attempt`); both cost a check when unused.
+4. Observation: :func:`begin` and :func:`end` tell an attempt's observers
+   (:mod:`lilota.hooks`: the task log, the run-time metrics, the application's hooks)
+   wherever it runs; :func:`execute` and :func:`execute_async` run the function in its
+   trace span (:func:`lilota.tracing.attempt_span`), which must be current in the thread
+   (or pool process) that runs it. Both cost a check when unused.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lilota import metrics, serialization, tracing
+from lilota import serialization, tracing
 from lilota.context import TaskContext
 from lilota.errors import (
     DatabaseError,
@@ -44,6 +50,7 @@ from lilota.errors import (
     TaskTimeout,
     WorkerLost,
 )
+from lilota.hooks import Attempt, Hooks, TaskInfo, notify_ended, notify_started
 from lilota.models import Claim, Outcome, TaskError, TaskProgress, TaskStatus
 from lilota.registry import effective_max_attempts, new_task
 
@@ -179,6 +186,7 @@ class Call:
     progress: TaskProgress
     context: TaskContext | None
     clock: Callable[[], datetime]
+    attempt: Attempt | None = None  # its observers' view (None in a cpu_bound pool process)
 
     @property
     def cancel_requested(self) -> bool:
@@ -193,11 +201,13 @@ def prepare(
     registry: Registry | None = None,
     write_progress: Callable[[int], None] | None = None,
     cancel_event: threading.Event | None = None,
+    attempt: Attempt | None = None,
 ) -> Call:
     """Build the progress handle and the context for one run of ``claim``.
 
     Progress goes to ``write_progress`` (default: :func:`progress_writer` on ``store``);
-    ``cancel_event`` is the flag the task's ``cancelled`` reads.
+    ``cancel_event`` is the flag the task's ``cancelled`` reads; ``attempt`` (from
+    :func:`begin`) is told the exception the task raises.
     """
     write = write_progress if write_progress is not None else progress_writer(store, claim)
     progress = TaskProgress(claim.id, write, cancel_event or threading.Event())
@@ -205,7 +215,30 @@ def prepare(
     if definition.context_param is not None:
         schedule = scheduler(store, registry)
         context = TaskContext.for_claim(claim, progress=progress, schedule=schedule)
-    return Call(claim, definition, progress, context, store.clock)
+    return Call(claim, definition, progress, context, store.clock, attempt)
+
+
+def begin(
+    claim: Claim, definition: TaskDefinition, *, worker_id: str, hooks: Hooks | None
+) -> Attempt:
+    """An attempt of ``claim`` starts in this process (worker ``worker_id``): tell its
+    observers (the task log, :func:`lilota.hooks.add_observer`'s, then ``hooks``'
+    ``before_task``). Returns the attempt, for :func:`prepare` and :func:`end`."""
+    info = TaskInfo.for_claim(
+        claim,
+        max_attempts=effective_max_attempts(definition, claim.max_attempts),
+        worker_id=worker_id,
+    )
+    attempt = Attempt(info, hooks)
+    notify_started(attempt)
+    return attempt
+
+
+def end(attempt: Attempt, outcome: Outcome, now: datetime) -> None:
+    """``attempt`` ended with ``outcome``, final as it will be recorded (``now``: the
+    store's time): tell its observers (``on_failure`` and ``after_task`` hooks last).
+    Never raises for what an observer does."""
+    notify_ended(attempt, outcome, now)
 
 
 def scheduler(store: TaskStore, registry: Registry | None) -> Callable[..., int]:
@@ -305,9 +338,10 @@ def _ended(call: Call, result: Any) -> Outcome:
 
 def _raised(call: Call, error: BaseException) -> Outcome:
     claim = call.claim
+    if call.attempt is not None:
+        call.attempt.exception = error
     if isinstance(error, TaskCancelled):
         return cancelled(claim, error)
-    log.info("task %d (%s) attempt %d raised %r", claim.id, claim.name, claim.attempt, error)
     return failed(claim, call.definition, error, call.clock())
 
 
@@ -320,8 +354,7 @@ def _finish(call: Call, outcome: Outcome) -> Outcome:
 def execute(call: Call) -> Outcome:
     """Run ``call`` in this thread and return its outcome (never raises for what the task
     does; ``KeyboardInterrupt`` and other ``BaseException`` pass through)."""
-    started = time.monotonic()
-    # OBSERVATION: the attempt's trace span (lilota.tracing), current while it runs.
+    # The attempt's trace span (lilota.tracing), current while the function runs.
     with tracing.attempt_span(call.claim) as span:
         try:
             kwargs = _arguments(call)
@@ -333,16 +366,13 @@ def execute(call: Call) -> Outcome:
         except (Exception, SystemExit) as error:
             outcome = _raised(call, error)
         outcome = span.ended(_finish(call, outcome))
-    # OBSERVATION: the attempt's run time (lilota.metrics).
-    metrics.observe_attempt(call.claim.name, outcome.status, time.monotonic() - started)
     return outcome
 
 
 async def execute_async(call: Call) -> Outcome:
     """Await ``call`` (an ``async def`` task) on the running loop and return its outcome.
     ``asyncio.CancelledError`` (a timeout or a forced cancellation) passes through."""
-    started = time.monotonic()
-    # OBSERVATION: the attempt's trace span (lilota.tracing), current while it runs.
+    # The attempt's trace span (lilota.tracing), current while the function runs.
     with tracing.attempt_span(call.claim) as span:
         try:
             result = await call.definition.func(**_arguments(call))
@@ -350,19 +380,19 @@ async def execute_async(call: Call) -> Outcome:
         except (Exception, SystemExit) as error:
             outcome = _raised(call, error)
         outcome = span.ended(_finish(call, outcome))
-    # OBSERVATION: the attempt's run time (lilota.metrics).
-    metrics.observe_attempt(call.claim.name, outcome.status, time.monotonic() - started)
     return outcome
 
 
 __all__ = [
     "Call",
     "announced_names",
+    "begin",
     "cancelled",
     "cancelled_before_start",
     "cancelled_while_running",
     "completed",
     "did_not_stop",
+    "end",
     "execute",
     "execute_async",
     "failed",

@@ -22,6 +22,7 @@ from typing import Any
 
 from lilota.core import Lilota
 from lilota.errors import WorkerStartupError
+from lilota.logs import ENV_LOG_LEVEL
 from lilota.render import EXIT_OK, CommandError
 from lilota.settings import ENV_DB_URL, default_db_url
 from lilota.supervisor import ENV_SCRIPT, boot_script
@@ -70,6 +71,19 @@ class _Signals:
 
 
 # ---------------------------------------------------------------------- what to run
+
+
+def setup_logging(level: str | None) -> None:
+    """``lilota worker --log-level``: this process logs to stderr at ``level`` (default
+    info); its worker processes get ``level`` for their lilota loggers (without it, a
+    script's ``LilotaWorker(logging_level=)``, else info; see :mod:`lilota.logs`)."""
+    logging.basicConfig(
+        level=getattr(logging, (level or "info").upper()),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    if level:
+        os.environ[ENV_LOG_LEVEL] = level
 
 
 def looks_like_script(target: str) -> bool:

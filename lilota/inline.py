@@ -1,12 +1,14 @@
 """Inline mode: run pending tasks in the test's own process and thread, no worker processes.
 
-:func:`run_pending` claims the due pending tasks of a ``Lilota``'s registry one by one, as a
-worker claims them, and runs each through the worker's own step, ``lilota.worker.WorkerLoop.run_once``: the
-same input rebuilding, output and error serialization, TaskProgress (written to the store)
-and TaskContext (follow-up tasks go to the store and are run too), the same retry outcome.
-:func:`eager` makes ``schedule()`` run them before it returns. Not enforced inline: task
-timeouts, and cancellation of a task while it runs (a task cancelled before it is picked up
-never runs, as with a worker).
+:func:`run_pending` claims the due pending tasks of a ``Lilota``'s registry one by one, as
+a worker claims them, and runs each through the worker's own step,
+``lilota.worker.WorkerLoop.run_once``: the same input rebuilding, output and error
+serialization, TaskProgress (written to the store) and TaskContext (follow-up tasks go to
+the store and are run too), the same retry outcome, the same hooks (``worker_init`` once
+in this process, then ``before_task``, ``on_failure``, ``after_task``) and task log
+records. :func:`eager` makes ``schedule()`` run them before it returns. Not enforced
+inline: task timeouts, and cancellation of a task while it runs (a task cancelled before
+it is picked up never runs, as with a worker).
 
 Part of the pytest plugin: import these from :mod:`lilota.testing`, which re-exports them
 (and adds the ``lilota_inline`` fixture). A runaway ``run_pending`` fails the test with
@@ -114,6 +116,7 @@ def run_pending(
     settings = WorkerSettings(lease=timedelta(seconds=_INLINE_LEASE_SECONDS))
     worker_id = f"inline:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     loop = WorkerLoop(store, lilota.registry, settings, worker_id=worker_id)
+    lilota.registry.hooks.run_worker_init()  # once in this process, as in a worker
 
     def due_now(outcome: Outcome) -> Outcome:
         if outcome.status == "pending" and outcome.run_at is not None:

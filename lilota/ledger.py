@@ -28,6 +28,7 @@ from lilota.errors import DatabaseError, DatabaseReplaced, WorkerExit
 from lilota.models import TaskError
 
 if TYPE_CHECKING:
+    from lilota.hooks import Attempt
     from lilota.models import Claim, Outcome
     from lilota.registry import TaskDefinition
     from lilota.store import TaskStore
@@ -66,6 +67,8 @@ class Running:
     cancel_seen_at: float | None = None  # when the keeper passed a cancellation on
     forced_at: float | None = None  # async lane: when the loop cancelled it after the grace
     timed_out: bool = False  # async lane: the loop cancelled it at its timeout
+    # Its observers' view (lilota.execution.begin): told of the end by whoever ends it.
+    attempt: Attempt | None = None
 
 
 class Ledger:
@@ -442,6 +445,8 @@ class LeaseKeeper:
         if not self.ledger.end(running, outcome):
             return  # it ended by itself meanwhile (and its outcome is kept)
         log.error("%s; replacing the worker process", TaskError.from_json(outcome.exception))
+        if running.attempt is not None:  # its after_task hooks run before the process ends
+            execution.end(running.attempt, outcome, self.store.clock())
         self._end_process(code)
 
 

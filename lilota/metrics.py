@@ -8,15 +8,16 @@ Two sources, so that what is shown is right however many hosts run workers:
   lag of each name (now minus the ``run_at`` of its oldest due pending task), attempts
   beyond the first (retries) and lost-worker recoveries of the tasks in the table, and
   the live worker processes. Every endpoint, on any host, serves the same numbers.
-* Run times are observed where the tasks run (:func:`observe_attempt`, called by
-  :mod:`lilota.execution` at the end of every attempt): the histogram
+* Run times are observed where the tasks run (:class:`RunTimes`, an observer of every
+  attempt of a worker process, :mod:`lilota.hooks`; it also sees an attempt the lease
+  keeper or the async lane ends for a timeout or a forced cancel): the histogram
   ``lilota_task_duration_seconds`` by task name and outcome. Worker processes are separate
   processes, so it uses prometheus_client's multiprocess mode: each process writes its
   samples to files in the directory named by ``PROMETHEUS_MULTIPROC_DIR``, and the
   endpoint adds them up. ``lilota worker --metrics-port`` makes that directory (a new
   temporary one, removed at exit, unless ``PROMETHEUS_MULTIPROC_DIR`` is set already) and
-  hands it to the worker processes and their ``cpu_bound`` pool processes; a process
-  without the variable observes nothing, at the cost of one check per attempt.
+  hands it to the worker processes; a process without the variable observes nothing, at
+  the cost of one check per attempt.
 
 :func:`serving` is what ``lilota worker --metrics-port`` runs; :func:`registry_for` is
 what the dashboard's ``/metrics`` serves. prometheus_client is imported only by those
@@ -36,9 +37,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lilota.errors import ConfigurationError
+from lilota.hooks import add_observer
 from lilota.validation import check_int
 
 if TYPE_CHECKING:
+    from lilota.hooks import TaskInfo, TaskOutcome
     from lilota.store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,24 @@ def observe_attempt(name: str, status: str, seconds: float) -> None:
     histogram = _histogram if _histogram is not None else _make_histogram()
     if histogram is not False:
         histogram.labels(name, _OUTCOMES.get(status, status)).observe(seconds)
+
+
+class RunTimes:
+    """The observer (:class:`lilota.hooks.Observer`) counting each attempt's run time."""
+
+    def task_started(self, task: TaskInfo) -> None:
+        pass
+
+    def task_ended(self, task: TaskInfo, outcome: TaskOutcome) -> None:
+        observe_attempt(task.name, outcome.status, outcome.duration)
+
+
+_run_times = RunTimes()
+
+
+def observe_run_times() -> None:
+    """Count the run times of this worker process's attempts (see :class:`RunTimes`)."""
+    add_observer(_run_times)
 
 
 def _make_histogram() -> Any:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar, get_type_hints
 from lilota import serialization, validation
 from lilota.context import TaskContext
 from lilota.errors import NoRetry, RegistrationError, TaskAlreadyRegistered, TaskNotRegistered
+from lilota.hooks import Hooks
 from lilota.models import DEFAULT_MAX_RECOVERIES, NewTask, TaskProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -175,6 +176,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskDefinition] = {}
+        # worker_init, before_task, after_task, on_failure: they reach worker processes
+        # with the registry (the process imports the module that registers them).
+        self.hooks = Hooks()
 
     def register(
         self,

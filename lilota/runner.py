@@ -3,7 +3,9 @@
 It runs no task itself: its worker processes are started by the engine's
 :class:`~lilota.supervisor.Supervisor` and each is a :class:`~lilota.worker.LilotaWorker`
 on the runner's TaskBase classes (adapted to task functions by :mod:`lilota.legacy`) and
-the store's database. Their log records come back to this process's loggers.
+the store's database. Their log records come back to this process's loggers when it
+configured logging (its root logger has a handler); else each worker logs to stderr in
+lilota's default format (:mod:`lilota.logs`), which the supervisor passes on.
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ def _level_snapshot() -> dict[str, int]:
 def boot_worker() -> None:
     """Entry point of a TaskRunner's worker process (started by its Supervisor).
 
-    Imports the runner's main module as "spawn" does, sends log records to the runner,
-    and makes this process a :class:`~lilota.worker.LilotaWorker` for the runner's
+    Imports the runner's main module as "spawn" does, sends log records to the runner
+    (if it configured logging), and makes this process a :class:`~lilota.worker.LilotaWorker` for the runner's
     TaskBase classes on the runner's database. Blocks until told to stop.
     """
     spec = json.loads(os.environ.pop(ENV_LEGACY_WORKER))
@@ -158,9 +160,11 @@ def boot_worker() -> None:
         spec["logs"], family="AF_UNIX", authkey=bytes.fromhex(spec["authkey"])
     )
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(_RecordSender(conn)))  # type: ignore[arg-type]
+    if spec.get("forward_logs", True):
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(logging.handlers.QueueHandler(_RecordSender(conn)))  # type: ignore[arg-type]
+    # else the runner's process logs nowhere: this worker logs to stderr (lilota.logs)
     for name, level in spec["levels"].items():
         logging.getLogger(name or None).setLevel(level)
     store = TaskStore(spec["db_url"])
@@ -316,6 +320,8 @@ class TaskRunner:
             "logs": logs.address,
             "authkey": logs.authkey.hex(),
             "levels": _level_snapshot(),
+            # Records go back to this process's handlers if it has any.
+            "forward_logs": bool(logging.getLogger().handlers),
         }
 
     def _worker_exited(self, pid: int, code: int) -> None:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from lilota.errors import ConfigurationError
+from lilota.logs import log_level_number
 from lilota.registry import Registry
 from lilota.validation import check_int
 
@@ -184,24 +185,16 @@ def _user_env() -> dict[str, Any]:
     return values
 
 
-def set_logging_level(level: int | str | None) -> None:
+def set_logging_level(level: int | str | None, option: str = "logging_level") -> int | None:
     """The earlier release's ``logging_level=`` (of Lilota, LilotaWorker and TaskRunner):
     set the level of the ``lilota`` logger (and so of its children, ``lilota.worker`` and
-    the rest) in this process; None leaves it as it is. ``level`` is a level number >= 0
-    or a level name ("INFO", "debug"); anything else raises ConfigurationError."""
+    the rest) in this process; None leaves it as it is. Returns the level number (None if
+    not given); a bad one raises ConfigurationError (see :func:`log_level_number`)."""
     if level is None:
-        return
-    number: object = None
-    if isinstance(level, int) and not isinstance(level, bool):
-        number = level
-    elif isinstance(level, str):
-        number = logging.getLevelName(level.strip().upper())  # "Level X" if unknown
-    if not isinstance(number, int) or number < 0:
-        raise ConfigurationError(
-            "logging_level must be a logging level: a number >= 0 or a name such as "
-            f"'INFO' or 'DEBUG', got {level!r}"
-        )
+        return None
+    number = log_level_number(level, option)
     logging.getLogger("lilota").setLevel(number)
+    return number
 
 
 __all__ = ["DEFAULT_DB_URL", "ENV_DB_URL", "ENV_SETTINGS", "WorkerSettings", "default_db_url"]

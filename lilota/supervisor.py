@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from lilota.errors import WorkerStartupError
+from lilota.logs import ENV_WORKER_NAME
 from lilota.worker import ENV_CONTROL_FD, ENV_LIFELINE_FD, WorkerExit
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class Supervisor:
         env = dict(os.environ)
         env.update(self.extra_env)
         env[ENV_WORKER_PROCESS] = "1"
+        env[ENV_WORKER_NAME] = f"worker-{slot.index + 1}"  # in its log lines
         env[ENV_CONTROL_FD] = str(control_w)
         env[ENV_LIFELINE_FD] = str(self._lifeline_r)
         slot.ready.clear()

@@ -33,9 +33,11 @@ from datetime import timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lilota import execution
+from lilota import execution, metrics
 from lilota.errors import DatabaseError, LilotaError, WorkerAlreadyStarted, WorkerExit
+from lilota.hooks import HookDecorators
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
+from lilota.logs import init_worker_process
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
 from lilota.settings import WorkerSettings, check_overrides, default_db_url, set_logging_level
@@ -303,25 +305,32 @@ class WorkerLoop:
             outcome = execution.cancelled_before_start(claim)
             self.ledger.record(outcome)
             return outcome
+        running.attempt = attempt = execution.begin(
+            claim, definition, worker_id=self.worker_id, hooks=self.registry.hooks
+        )
         call = execution.prepare(
             claim,
             definition,
             store=self.store,
             registry=self.registry,
             cancel_event=running.cancel_event,
+            attempt=attempt,
         )
-        log.debug("task %d (%s) attempt %d starts", claim.id, claim.name, claim.attempt)
         try:
             outcome = execution.execute(call)
         except BaseException as error:
-            self.ledger.end(running, execution.failed(claim, definition, error, call.clock()))
+            outcome = execution.failed(claim, definition, error, call.clock())
+            if self.ledger.end(running, outcome):
+                execution.end(attempt, outcome, call.clock())
             raise
         if adjust is not None:
             outcome = adjust(outcome)
         duration = time.monotonic() - running.started
         self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
-        log.debug("task %d (%s) ends %s in %.3f s", claim.id, claim.name, outcome.status, duration)
-        return outcome if self.ledger.end(running, outcome) else None
+        if not self.ledger.end(running, outcome):
+            return None  # the keeper ended it (and told its observers)
+        execution.end(attempt, outcome, call.clock())
+        return outcome
 
     def flush(self) -> None:
         """Record the outcomes the ledger holds (kept there if the database is away)."""
@@ -364,8 +373,9 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-class LilotaWorker:
-    """Registers task functions and, with ``start()``, makes this process a worker.
+class LilotaWorker(HookDecorators):
+    """Registers task functions (and hooks: ``@worker.before_task`` ..., see
+    :mod:`lilota.hooks`) and, with ``start()``, makes this process a worker.
 
     ``start()`` blocks until SIGTERM or SIGINT (a second one ends the process at once).
     Started by a :class:`~lilota.core.Lilota` with ``script_path``, the worker also ends
@@ -475,6 +485,8 @@ class LilotaWorker:
         lifeline_fd = os.environ.pop(ENV_LIFELINE_FD, None)
         supervised = control_fd is not None
         try:
+            init_worker_process(self.registry.hooks)  # worker_init hooks, then logging
+            metrics.observe_run_times()  # counted where PROMETHEUS_MULTIPROC_DIR is set
             settings = WorkerSettings.from_env(
                 lease=self._lease,
                 cancel_grace=self._cancel_grace,

@@ -401,7 +401,12 @@ class TaskStore:
             return []
         recovered = self._recover(now)
         for task_id, status in recovered:
-            log.warning("task %d: its worker was lost; now %s", task_id, status)
+            log.warning(
+                "task %d: its worker was lost; now %s",
+                task_id,
+                status,
+                extra={"lilota_task_id": task_id, "lilota_status": status},
+            )
         return recovered
 
     @transaction()

@@ -11,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -365,6 +366,53 @@ def test_logging_level_of_the_earlier_release_holds_in_the_worker_processes_too(
     records = [r for r in caplog.records if r.name == "lilota.task.add"]
     assert [r.getMessage() for r in records] == ["adding {'a': 2, 'b': 3}"]
     assert records[0].process != os.getpid()
+
+
+RUNNER_PROGRAM = """
+from lilota.models import TaskBase
+from lilota.runner import TaskRunner
+from lilota.stores import DatabaseTaskStore
+
+
+class Add(TaskBase):
+    def run(self):
+        self.logger.info("adding %s", self.task_info.input)
+        self.set_output(self.task_info.id, {"sum": self.task_info.input["a"] + 1})
+
+
+if __name__ == "__main__":
+    runner = TaskRunner(DatabaseTaskStore("sqlite:///runner.db"), number_of_workers=1)
+    runner.register("add", Add)
+    runner.start()
+    print(runner.add("add", "adds", {"a": 1}))
+    runner.stop()
+"""
+
+
+def test_workers_of_a_runner_that_configured_no_logging_log_to_stderr(tmp_path: Path) -> None:
+    (tmp_path / "main.py").write_text(RUNNER_PROGRAM)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LILOTA_LOG_LEVEL", None)
+    done = subprocess.run(
+        [sys.executable, "main.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    task_id = done.stdout.strip()
+    assert re.search(
+        r"(?m)^\S+ \S+ INFO worker-1\[\d+\] lilota.task.add: adding "
+        r"\{'a': 1\}$",
+        done.stderr,
+    ), done.stderr
+    assert re.search(
+        rf"(?m)^\S+ \S+ INFO worker-1\[\d+\] lilota.tasks: task {task_id} add attempt 1/1 "
+        r"completed in [\d.]+ s$",
+        done.stderr,
+    ), done.stderr
 
 
 def test_on_a_database_store_tasks_complete_and_failures_are_recorded(

@@ -7,6 +7,7 @@ it; only the database URL is replaced. Then the test reads the task table.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,11 @@ def example(name: str, db_url: str) -> str:
     return text.replace(SEED_URL, db_url)
 
 
-def run_python(directory: Path, main: str, timeout: float = 120) -> str:
+def run_python(
+    directory: Path, main: str, timeout: float = 120, *, task_fails: str | None = None
+) -> str:
+    """Run ``main`` as a user would; its stderr has no traceback but, with
+    ``task_fails``, the one the worker logs under that task's final failure line."""
     (directory / "main.py").write_text(main)
     done = subprocess.run(
         [sys.executable, "main.py"],
@@ -38,7 +43,15 @@ def run_python(directory: Path, main: str, timeout: float = 120) -> str:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    assert "Traceback" not in done.stderr, done.stderr
+    err = done.stderr
+    if task_fails is not None:  # the task log's ERROR line, then the task's traceback
+        lines = err.splitlines()
+        at = lines.index("Traceback (most recent call last):")
+        assert re.search(r" ERROR worker-\d+\[", lines[at - 1]), err
+        assert task_fails in lines[at - 1], err
+        end = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith(" "))
+        err = "\n".join(lines[: at - 1] + lines[end + 1 :])  # the exception's line too
+    assert "Traceback" not in err, done.stderr
     return done.stdout
 
 
@@ -162,7 +175,11 @@ def test_seed002_shape_with_a_raising_task_fails_at_once_with_the_exception(
         '  add_output = AddOutput(**task.output)\n  print(f"{number1} + {number2} = {add_output.sum} ") # 2 + 3 = 5',
         "  print(task.status.value, task.attempts, task.exception.type, task.exception.message)",
     )
-    out = run_python(workdir, main)
+    out = run_python(
+        workdir,
+        main,
+        task_fails="lilota.tasks: task 1 add attempt 1/1 failed in ",
+    )
     assert out.splitlines() == ["failed 1 ValueError cannot add 2 and 3"]
     task = only_task(lilota_db_url)
     assert task.status is TaskStatus.FAILED and task.max_attempts == 1

@@ -57,6 +57,10 @@ def add(data: AddInput) -> int:
     return data.a + data.b
 
 
+async def _async_hook(task: object) -> None:
+    pass
+
+
 class Echo(TaskBase):
     def run(self) -> None:
         self.set_output(self.task_info.id, self.task_info.input)
@@ -479,6 +483,34 @@ rows(
     RegistrationError,
     "^task name must be 1-200 characters",
     [lambda e: LilotaWorker(e.url).register("two words")(add)],
+)
+
+for _hook in ("worker_init", "before_task", "after_task", "on_failure"):
+    rows(
+        f"Lilota.{_hook}: not a function",
+        InvalidArgumentType,
+        f"^a {_hook} hook must be a function; got str 'print'",
+        [lambda e, hook=_hook: getattr(e.lilota, hook)("print")],
+    )
+    rows(
+        f"LilotaWorker.{_hook}: not a plain function",
+        InvalidArgumentType,
+        f"^a {_hook} hook must be a (function; got NoneType None|plain function, not async def)",
+        [
+            lambda e, hook=_hook: getattr(LilotaWorker(e.url), hook)(None),
+            lambda e, hook=_hook: getattr(LilotaWorker(e.url), hook)(_async_hook),
+        ],
+    )
+rows(
+    "Lilota: a bad log level, or both of its names",
+    ConfigurationError,
+    "^(log_level must be a logging level: a number >= 0 or a name such as 'INFO'"
+    "|give log_level or logging_level \\(its earlier name\\), not both)",
+    [
+        lambda e: Lilota(e.url, log_level="LOUD"),
+        lambda e: Lilota(e.url, log_level=-1),
+        lambda e: Lilota(e.url, log_level="info", logging_level="debug"),
+    ],
 )
 
 # ---------------------------------------------------------------------- inside a task
