@@ -344,13 +344,17 @@ class Lilota:
         unique_key: str | None = None,
         description: str | None = None,
         max_attempts: int | None = None,
+        connection: object = None,
     ) -> int:
         """Store a new pending task and return its id; a worker starts it right away.
 
         ``input`` is a model instance (dataclass, pydantic, ``as_dict()``) or a dict.
         ``run_at`` (a datetime; naive means UTC) or ``delay`` postpone it; higher
         ``priority`` runs first; with ``unique_key``, while a pending or running task has
-        the same key, its id is returned and nothing is added.
+        the same key, its id is returned and nothing is added. With ``connection`` (a
+        SQLAlchemy ``Connection`` or ORM ``Session`` of the application, on this
+        instance's database) the task is written in that transaction: workers see it once
+        the application commits, and it is gone if it rolls back.
 
         Raises, writing nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown
         name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
@@ -360,7 +364,11 @@ class Lilota:
         ``priority`` that is not an int...) and :class:`~lilota.errors.InvalidArgument` for
         one out of range (``run_at`` with ``delay``, a ``priority`` beyond 32 bits, a
         ``delay`` past the year 9999...), alike on every database. The checks are
-        :func:`lilota.registry.new_task`'s.
+        :func:`lilota.registry.new_task`'s. With ``connection``: also
+        :class:`~lilota.errors.InvalidArgumentType` for an object that is not a
+        ``Connection`` or ``Session``, :class:`~lilota.errors.InvalidArgument` for a closed
+        one or one to another database, :class:`~lilota.errors.ConfigurationError` if
+        lilota's tables are not created yet (``start()`` creates them).
         """
         self._check_open()
         task = new_task(
@@ -376,7 +384,7 @@ class Lilota:
             description=description,
             max_attempts=max_attempts,
         )
-        task_id = self.store.add(task)
+        task_id = self.store.add(task, connection=connection)
         self._remember([task_id])
         return task_id
 
@@ -389,12 +397,14 @@ class Lilota:
         delay: timedelta | None = None,
         priority: int = 0,
         max_attempts: int | None = None,
+        connection: object = None,
     ) -> list[int]:
         """Schedule one task per input in a single statement; returns their ids in order.
 
         Every input is checked first: one bad input raises and none is stored. Raises as
         :meth:`schedule` does, and :class:`~lilota.errors.InvalidArgumentType` for
-        ``inputs`` that are not an iterable (or are a str, bytes or a mapping).
+        ``inputs`` that are not an iterable (or are a str, bytes or a mapping). With
+        ``connection``, in that transaction, as :meth:`schedule` says.
         """
         self._check_open()
         known_names = self._known_names()
@@ -414,7 +424,7 @@ class Lilota:
             )
             for value in values
         ]
-        ids = self.store.add_many(tasks)
+        ids = self.store.add_many(tasks, connection=connection)
         self._remember(ids)
         return ids
 
