@@ -26,6 +26,8 @@ from lilota.errors import (
     TaskAlreadyFinished,
     TaskAlreadyRegistered,
     TaskCancelled,
+    TaskFailed,
+    TaskNotFinished,
     TaskNotFound,
     TaskNotRegistered,
     TaskNotRetryable,
@@ -34,6 +36,7 @@ from lilota.errors import (
     WorkerLost,
     WorkerStartupError,
 )
+from lilota.handles import TaskHandle, TaskRef
 from lilota.models import ModelProtocol, Task, TaskError, TaskProgress, TaskStatus
 from lilota.schedules import crontab, every
 from lilota.worker import LilotaWorker
@@ -67,10 +70,14 @@ __all__ = [
     "TaskCancelled",
     "TaskContext",
     "TaskError",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskNotFinished",
     "TaskNotFound",
     "TaskNotRegistered",
     "TaskNotRetryable",
     "TaskProgress",
+    "TaskRef",
     "TaskStatus",
     "TaskTimeout",
     "WorkerAlreadyStarted",

@@ -9,13 +9,25 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
+
+from typing_extensions import Unpack
 
 from lilota import validation
-from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound, WorkerAlreadyStarted
+from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound
+from lilota.handles import (
+    In,
+    Out,
+    Registering,
+    ScheduleManyOptions,
+    ScheduleOptions,
+    TaskHandle,
+    TaskRef,
+    target,
+)
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, check_options, new_task
 from lilota.settings import (
@@ -48,7 +60,7 @@ log = logging.getLogger(__name__)
 _PRUNE_AT = 10_000
 
 
-class Lilota:
+class Lilota(Registering):
     """Schedules tasks, reads them back, and runs worker processes.
 
     ``Lilota(db_url)`` alone is a scheduler (a web app); ``start()`` also starts
@@ -126,43 +138,8 @@ class Lilota:
 
     # ------------------------------------------------------------------ tasks
 
-    def register(
-        self,
-        name: str,
-        input_model: type | None = None,
-        output_model: type | None = None,
-        task_progress: type | None = None,
-        **options: Any,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register a task function under ``name`` for this instance's workers.
-
-        Options: ``max_attempts`` (default 1: an exception or a timeout fails the task at
-        once; give more to retry it), ``retry_on`` (an exception class or a tuple: only
-        those are retried; default ``Exception``; ``raise NoRetry(...)`` fails at once),
-        ``retry_delay`` (default 1 s before the first retry, doubled for each next one,
-        less up to 25 % jitter, at most 1 h), ``max_recoveries`` (default 3: how many times
-        the task runs again after its worker was lost, apart from attempts; 0 for a task
-        that must never run twice), ``timeout`` (a timedelta or
-        seconds; default none: the process running a task past it is replaced),
-        ``schedule`` (``every(...)``/``crontab(...)``: a periodic task), ``cpu_bound``
-        (run in a process pool of the worker, so that it blocks neither the worker's
-        event loop nor its other tasks).
-        Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before, and
-        :class:`~lilota.errors.WorkerAlreadyStarted` once ``start()`` started worker
-        processes (they know only the tasks registered before; register every task first).
-        """
-        if self._supervisor is not None:
-            raise WorkerAlreadyStarted(
-                f"cannot register task {name!r}: this instance's workers are already "
-                "started; register every task before start()"
-            )
-        return self.registry.register(  # type: ignore[no-any-return]
-            name,
-            input_model=input_model,
-            output_model=output_model,
-            task_progress=task_progress,
-            **options,
-        )
+    def _started(self) -> bool:
+        return self._supervisor is not None
 
     @property
     def store(self) -> TaskStore:
@@ -333,9 +310,17 @@ class Lilota:
                 "this Lilota instance was stopped; call start() again to schedule tasks"
             )
 
+    # By name: the id; by handle (lilota.schedule(report, ReportInput(...))): a TaskRef.
+    @overload
+    def schedule(
+        self, name: TaskHandle[..., Any, In, Out], input: In, **o: Unpack[ScheduleOptions]
+    ) -> TaskRef[Out]: ...
+    @overload
+    def schedule(self, name: str, input: Any = None, **o: Unpack[ScheduleOptions]) -> int: ...
+
     def schedule(
         self,
-        name: str,
+        name: str | TaskHandle[..., Any, Any, Any],
         input: Any = None,
         *,
         run_at: datetime | None = None,
@@ -371,8 +356,9 @@ class Lilota:
         lilota's tables are not created yet (``start()`` creates them).
         """
         self._check_open()
+        task_name, handle = target(name)
         task = new_task(
-            name,
+            task_name,
             input,
             registry=self.registry,
             known_names=self._known_names(),
@@ -386,11 +372,23 @@ class Lilota:
         )
         task_id = self.store.add(task, connection=connection)
         self._remember([task_id])
-        return task_id
+        return task_id if handle is None else TaskRef(task_id, self, handle.output_model)
+
+    @overload
+    def schedule_many(
+        self,
+        name: TaskHandle[..., Any, In, Out],
+        inputs: Iterable[In],
+        **o: Unpack[ScheduleManyOptions],
+    ) -> list[TaskRef[Out]]: ...
+    @overload
+    def schedule_many(
+        self, name: str, inputs: Iterable[Any], **o: Unpack[ScheduleManyOptions]
+    ) -> list[int]: ...
 
     def schedule_many(
         self,
-        name: str,
+        name: str | TaskHandle[..., Any, Any, Any],
         inputs: Iterable[Any],
         *,
         run_at: datetime | None = None,
@@ -398,7 +396,7 @@ class Lilota:
         priority: int = 0,
         max_attempts: int | None = None,
         connection: object = None,
-    ) -> list[int]:
+    ) -> list[int] | list[TaskRef[Any]]:
         """Schedule one task per input in a single statement; returns their ids in order.
 
         Every input is checked first: one bad input raises and none is stored. Raises as
@@ -407,14 +405,15 @@ class Lilota:
         ``connection``, in that transaction, as :meth:`schedule` says.
         """
         self._check_open()
+        task_name, handle = target(name)
         known_names = self._known_names()
         values = validation.inputs(inputs)
         options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
         # The same checks with no input: a bad option is refused even for an empty list.
-        check_options(name, known_names=known_names, clock=self._clock, **options)
+        check_options(task_name, known_names=known_names, clock=self._clock, **options)
         tasks = [
             new_task(
-                name,
+                task_name,
                 value,
                 registry=self.registry,
                 known_names=known_names,
@@ -426,7 +425,7 @@ class Lilota:
         ]
         ids = self.store.add_many(tasks, connection=connection)
         self._remember(ids)
-        return ids
+        return ids if handle is None else [TaskRef(i, self, handle.output_model) for i in ids]
 
     def _remember(self, ids: Sequence[int]) -> None:
         if self._supervisor is None:

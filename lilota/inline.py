@@ -172,7 +172,7 @@ def eager(
             state.running = False
 
     def schedule(*args: Any, **kwargs: Any) -> int:
-        task_id = original_schedule(*args, **kwargs)
+        task_id: int = original_schedule(*args, **kwargs)
         drain()
         return task_id
 

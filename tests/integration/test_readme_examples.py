@@ -41,3 +41,8 @@ def run_example(directory: Path, name: str, *args: str) -> str:
 
 def test_scheduling_in_your_transaction_example(tmp_path: Path) -> None:
     assert run_example(tmp_path, "shop.py") == "pending\n"
+
+
+def test_typed_quick_example(tmp_path: Path) -> None:
+    printed = run_example(tmp_path, "typed_quick.py")
+    assert printed == "AddOutput(sum=5)\nAddOutput(sum=2)\n8\n"
