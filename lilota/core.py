@@ -17,6 +17,7 @@ from typing import Any, overload
 from typing_extensions import Unpack
 
 from lilota import validation
+from lilota.asyncapi import AsyncProducer
 from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound
 from lilota.handles import (
     In,
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 _PRUNE_AT = 10_000
 
 
-class Lilota(Registering):
+class Lilota(Registering, AsyncProducer):
     """Schedules tasks, reads them back, and runs worker processes.
 
     ``Lilota(db_url)`` alone is a scheduler (a web app); ``start()`` also starts
@@ -129,6 +130,7 @@ class Lilota(Registering):
         # Tasks can be shared with another instance (its registry), e.g. one per database.
         self.registry = registry if registry is not None else Registry()
         self._store: TaskStore | None = None
+        self._async_store = None
         self._supervisor: Supervisor | None = None
         self._scheduled: set[int] = set()
         self._lock = threading.Lock()

@@ -1,8 +1,8 @@
 """Typed task handles: what ``@lilota.register(...)`` returns, and ``TaskRef``.
 
 The decorated name stays the plain function (called as before; a ``cpu_bound`` task's
-pool still finds it by name), given a few attributes: ``schedule``, ``schedule_many`` and
-``task_name``. For mypy it is a
+pool still finds it by name), given a few attributes: ``schedule``, ``schedule_many``,
+``aschedule``, ``aschedule_many`` and ``task_name``. For mypy it is a
 :class:`TaskHandle`, generic in the function's own signature and the task's input and
 output models: ``report.schedule(ReportInput(...))`` is a ``TaskRef[ReportOutput]``, an
 ``int`` (the task id) whose ``wait()`` gives a ``Task[ReportOutput]``, whose ``result()``
@@ -70,7 +70,7 @@ class TaskOptions(TypedDict, total=False):
 
 class TaskRef(int, Generic[Out_co]):
     """The id of a scheduled task (it is that ``int``), typed by the task's output model:
-    :meth:`wait` gives a ``Task[Out]`` whose ``result()`` rebuilds it."""
+    :meth:`wait` and :meth:`await_task` give a ``Task[Out]`` whose ``result()`` rebuilds it."""
 
     _lilota: Lilota | None
     _output_model: type | None
@@ -103,6 +103,10 @@ class TaskRef(int, Generic[Out_co]):
         """:meth:`lilota.core.Lilota.wait` for this task, typed."""
         return self._typed(self._owner().wait(int(self), timeout))
 
+    async def await_task(self, timeout: float | None = None) -> Task[Out_co]:
+        """:meth:`lilota.core.Lilota.await_task` for this task, typed."""
+        return self._typed(await self._owner().await_task(int(self), timeout))
+
 
 class TaskHandle(Protocol[P, R_co, In_contra, Out]):
     """A registered task function, as mypy sees it: callable as the function itself, and
@@ -117,6 +121,14 @@ class TaskHandle(Protocol[P, R_co, In_contra, Out]):
     ) -> TaskRef[Out]: ...
 
     def schedule_many(
+        self, inputs: Iterable[In_contra], /, **options: Unpack[ScheduleManyOptions]
+    ) -> list[TaskRef[Out]]: ...
+
+    async def aschedule(
+        self, input: In_contra = ..., /, **options: Unpack[ScheduleOptions]
+    ) -> TaskRef[Out]: ...
+
+    async def aschedule_many(
         self, inputs: Iterable[In_contra], /, **options: Unpack[ScheduleManyOptions]
     ) -> list[TaskRef[Out]]: ...
 
@@ -145,6 +157,13 @@ class BoundTask:
     def schedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
         return [self.ref(i) for i in self.lilota.schedule_many(self.name, inputs, **options)]
 
+    async def aschedule(self, input: Any = None, /, **options: Any) -> TaskRef[Any]:
+        return self.ref(await self.lilota.aschedule(self.name, input, **options))
+
+    async def aschedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
+        ids = await self.lilota.aschedule_many(self.name, inputs, **options)
+        return [self.ref(i) for i in ids]
+
 
 # The attribute of a handle that holds its BoundTask (how schedule(handle, ...) finds it).
 BOUND = "__lilota_task__"
@@ -158,6 +177,8 @@ def bind(func: Any, task: BoundTask) -> Any:
         "task_name": task.name,
         "schedule": task.schedule,
         "schedule_many": task.schedule_many,
+        "aschedule": task.aschedule,
+        "aschedule_many": task.aschedule_many,
     }
     try:
         for name, value in attributes.items():

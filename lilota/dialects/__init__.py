@@ -9,6 +9,7 @@ single statements, and which driver errors are worth another try (:func:`transac
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -16,7 +17,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -25,9 +26,12 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.engine.url import URL
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 from lilota.dialects.sqlitefile import FileWatch, open_read_only, permanent_error, sqlite_engine
 from lilota.dialects.urls import is_memory_sqlite, lilota_options, postgres_connect_args
-from lilota.errors import DatabaseError
+from lilota.errors import ConfigurationError, DatabaseError
 from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
@@ -272,6 +276,11 @@ class Dialect:
         """Something an idle worker can wait on until tasks may have arrived."""
         return Listener()
 
+    def create_async_engine(self) -> AsyncEngine | None:
+        """An engine for asyncio callers (a driver of its own, no thread per call); None
+        where the backend has none (they run the store's calls in a thread)."""
+        return None
+
     def lock_schema(self, conn: Connection) -> None:
         """Serialise concurrent first starts creating the tables (until commit)."""
 
@@ -491,6 +500,24 @@ class PostgresDialect(Dialect):
             url.render_as_string(hide_password=False),
             server.render_as_string(hide_password=True),
             postgres_connect_args(url),
+        )
+
+    def create_async_engine(self) -> AsyncEngine | None:
+        # psycopg's async connection; SQLAlchemy's asyncio extension (greenlet) imported
+        # only when an asyncio caller first needs it.
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        if importlib.util.find_spec("greenlet") is None:  # SQLAlchemy's asyncio runs on it
+            raise ConfigurationError(
+                "aschedule()/await_task() on PostgreSQL need SQLAlchemy's asyncio support: "
+                "pip install 'lilota[asyncio]'"
+            )
+        return create_async_engine(
+            self.server_url,
+            pool_size=2,
+            max_overflow=10,
+            pool_recycle=1800,
+            connect_args=self.connect_args(self.server_url),
         )
 
     def lock_schema(self, conn: Connection) -> None:

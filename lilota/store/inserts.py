@@ -117,7 +117,7 @@ def add_in_caller_transaction(
     transaction is theirs to roll back.
     """
     conn = caller_connection(connection)
-    with _translated(store):
+    with translated(store):
         _check_same_database(store, conn)
         if not store._schema_ready:
             _check_schema(conn)
@@ -213,7 +213,7 @@ def _check_schema(conn: Connection) -> None:
 
 
 @contextmanager
-def _translated(store: TaskStore) -> Iterator[None]:
+def translated(store: TaskStore) -> Iterator[None]:
     """Driver errors as lilota's, as :func:`lilota.dialects.transactions.transaction` says
     them (without its retries: the transaction is the caller's)."""
     try:

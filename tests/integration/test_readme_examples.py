@@ -46,3 +46,7 @@ def test_scheduling_in_your_transaction_example(tmp_path: Path) -> None:
 def test_typed_quick_example(tmp_path: Path) -> None:
     printed = run_example(tmp_path, "typed_quick.py")
     assert printed == "AddOutput(sum=5)\nAddOutput(sum=2)\n8\n"
+
+
+def test_async_quick_example(tmp_path: Path) -> None:
+    assert run_example(tmp_path, "async_quick.py") == "AddOutput(sum=5)\n{'sum': 2}\n"
