@@ -9,7 +9,6 @@ single statements, and which driver errors are worth another try (:func:`transac
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import threading
@@ -29,9 +28,10 @@ from sqlalchemy.engine.url import URL
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+from lilota.dialects.aio import FINISHED_CHANNEL, FinishWatch, async_engine
 from lilota.dialects.sqlitefile import FileWatch, open_read_only, permanent_error, sqlite_engine
 from lilota.dialects.urls import is_memory_sqlite, lilota_options, postgres_connect_args
-from lilota.errors import ConfigurationError, DatabaseError
+from lilota.errors import DatabaseError
 from lilota.execution import cancelled_record
 from lilota.listeners import NOTIFY_CHANNEL, Listener, PostgresListener, SQLiteListener
 from lilota.models import NewTask, Outcome, TaskStatus, to_naive_utc
@@ -287,6 +287,13 @@ class Dialect:
     def notify(self, conn: Connection) -> None:
         """Wake idle workers, once per statement (none where they watch the database)."""
 
+    def notify_finished(self, conn: Connection) -> None:
+        """Tell asyncio callers waiting for tasks that attempts ended (at commit)."""
+
+    def finish_watch(self) -> FinishWatch | None:
+        """What ``await_task`` waits on between two reads; None: it reads at intervals."""
+        return None
+
     def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """``query``, skipping rows another transaction holds where the backend can."""
         return query
@@ -413,6 +420,8 @@ class PostgresDialect(Dialect):
             "insert": t.insert().returning(t.c.id, notify.label("notified")),
             # Wake idle workers (they LISTEN on the channel).
             "notify": sa.select(notify),
+            # Wake await_task() callers: attempts ended (dialects.aio).
+            "notify_finished": sa.select(sa.func.pg_notify(FINISHED_CHANNEL, "")),
             # Serialise concurrent first starts; released at commit.
             "lock_schema": sa.select(sa.func.pg_advisory_xact_lock(0x6C696C6F7461)),
             # Insert a batch as one INSERT ... SELECT FROM unnest(one array per column), in
@@ -503,28 +512,23 @@ class PostgresDialect(Dialect):
         )
 
     def create_async_engine(self) -> AsyncEngine | None:
-        # psycopg's async connection; SQLAlchemy's asyncio extension (greenlet) imported
-        # only when an asyncio caller first needs it.
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        if importlib.util.find_spec("greenlet") is None:  # SQLAlchemy's asyncio runs on it
-            raise ConfigurationError(
-                "aschedule()/await_task() on PostgreSQL need SQLAlchemy's asyncio support: "
-                "pip install 'lilota[asyncio]'"
-            )
-        return create_async_engine(
-            self.server_url,
-            pool_size=2,
-            max_overflow=10,
-            pool_recycle=1800,
-            connect_args=self.connect_args(self.server_url),
-        )
+        return async_engine(self.server_url, self.connect_args(self.server_url))
 
     def lock_schema(self, conn: Connection) -> None:
         conn.execute(self.sql["lock_schema"])
 
     def notify(self, conn: Connection) -> None:
         conn.execute(self.sql["notify"])
+
+    def notify_finished(self, conn: Connection) -> None:
+        conn.execute(self.sql["notify_finished"])
+
+    def finish_watch(self) -> FinishWatch | None:
+        # As listener(): not through a transaction pooler (LISTEN needs its own session).
+        if self.pooler == "transaction" and self.direct_url is None:
+            return None
+        url = (self.direct_url or self.server_url).set(drivername="postgresql")
+        return FinishWatch(url.render_as_string(hide_password=False), postgres_connect_args(url))
 
     def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)

@@ -278,6 +278,8 @@ class TaskStore:
 
     def _finish_rows(self, conn: Connection, outcomes: Sequence[Outcome]) -> int:
         written = self.dialect.finish_many(conn, outcomes, self.clock())
+        if written:
+            self.dialect.notify_finished(conn)  # for await_task(), sent at commit
         if written < len(outcomes):
             msg = "%d of %d task outcomes were not recorded: their lease had been taken over"
             log.warning(msg, len(outcomes) - written, len(outcomes))
@@ -420,6 +422,7 @@ class TaskStore:
         :class:`TaskNotFound` or :class:`TaskAlreadyFinished`."""
         params = {"b_id": task_id, "now": self.clock()}
         if conn.execute(self.sql["cancel_pending"], params).rowcount:
+            self.dialect.notify_finished(conn)
             return TaskStatus.CANCELLED
         if conn.execute(self.sql["ask_to_cancel"], {"b_id": task_id}).rowcount:
             return TaskStatus.RUNNING

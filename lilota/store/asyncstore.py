@@ -11,6 +11,7 @@ the insert in its transaction on every backend, as a sync one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Sequence
@@ -23,10 +24,15 @@ from lilota.errors import InvalidArgument, TaskNotFound
 from lilota.models import NewTask, Task
 from lilota.store import inserts
 
+# Waiting on LISTEN, a task is read again at least this often all the same (a notification
+# lost with a dropped connection costs at most this much).
+SAFETY_READ = 1.0
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from lilota.dialects.aio import FinishWatch
     from lilota.store import TaskStore
 
 
@@ -36,6 +42,9 @@ class AsyncStore:
     def __init__(self, store: TaskStore) -> None:
         self.store = store
         self._engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FinishWatch | None] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -104,12 +113,16 @@ class AsyncStore:
         return Task.from_row(rows[0]._mapping, serialization.loads) if rows else None
 
     async def wait(self, task_id: int, timeout: float | None) -> Task:
-        """Until the task is completed, failed or cancelled: it, read again at growing
-        intervals (2 ms to 50 ms) without blocking the loop. TimeoutError after
-        ``timeout`` seconds, TaskNotFound for an unknown id."""
+        """Until the task is completed, failed or cancelled: it, without blocking the loop.
+        On PostgreSQL it is read again when the store says attempts ended (LISTEN,
+        :mod:`lilota.dialects.aio`), and every :data:`SAFETY_READ` seconds in
+        case a notification was lost; elsewhere at growing intervals (2 ms to 50 ms).
+        TimeoutError after ``timeout`` seconds, TaskNotFound for an unknown id."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        watch = self._watch()
         pause = 0.002
         while True:
+            signal = None if watch is None else await watch.signal()
             task = await self.get(task_id)
             if task is None:
                 raise TaskNotFound(f"no task with id {task_id}")
@@ -120,11 +133,25 @@ class AsyncStore:
                     f"task {task_id} ({task.name}) is still {task.status} at "
                     f"{task.progress_percentage}% after {timeout} s"
                 )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            if signal is None:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            left = SAFETY_READ if deadline is None else deadline - time.monotonic()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(signal.wait(), max(0.0, min(left, SAFETY_READ)))
+
+    def _watch(self) -> FinishWatch | None:
+        loop = asyncio.get_running_loop()
+        if loop not in self._watches:
+            self._watches[loop] = self.store.dialect.finish_watch()
+        return self._watches[loop]
 
     async def dispose(self) -> None:
-        """Close the running loop's pooled async connections."""
+        """Close the running loop's pooled async connections and LISTEN connection."""
+        watch = self._watches.pop(asyncio.get_running_loop(), None)
+        if watch is not None:
+            await watch.close()
         engine = self._engines.pop(asyncio.get_running_loop(), None)
         if engine is not None:
             await engine.dispose()

@@ -179,3 +179,46 @@ def test_a_sync_connection_works_with_aschedule_on_every_backend(
         engine.dispose()
     assert app.store.count_by_status()["pending"] == 1
     assert app.get_task_by_id(task_id) is not None
+
+
+def test_await_task_is_woken_by_the_end_of_the_task_on_postgres(
+    app: Lilota, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if app.store.is_sqlite:
+        pytest.skip("SQLite has no notification: await_task reads at intervals there")
+    from lilota.store import asyncstore
+
+    # Between two reads, only a notification wakes the waiter (within the test's time).
+    monkeypatch.setattr(asyncstore, "SAFETY_READ", 3600.0)
+    reads: list[Any] = []
+    real_get = app.astore.get
+
+    async def counted_get(task_id: int) -> Any:
+        task = await real_get(task_id)
+        reads.append(task.status if task else None)
+        return task
+
+    monkeypatch.setattr(app.astore, "get", counted_get)
+
+    async def main() -> Any:
+        task_id = await app.aschedule("total", {"values": [2, 2]})
+        waiter = asyncio.create_task(app.await_task(task_id, timeout=120))
+        while not reads:  # the waiter read the task once: pending, now it waits
+            await asyncio.sleep(0.001)
+        assert reads == [TaskStatus.PENDING]
+        await asyncio.to_thread(run_pending, app)
+        task = await waiter
+        return task.output, reads[-1]
+
+    assert run(app, main) == ({"total": 4}, TaskStatus.COMPLETED)
+
+
+def test_await_task_of_a_task_cancelled_while_waiting(app: Lilota) -> None:
+    async def main() -> Any:
+        task_id = await app.aschedule("total", {"values": [1]})
+        waiter = asyncio.create_task(app.await_task(task_id, timeout=120))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(app.cancel, task_id)
+        return (await waiter).status
+
+    assert run(app, main) is TaskStatus.CANCELLED
