@@ -154,6 +154,12 @@ class AsyncProducer:
             return ids
         return [TaskRef(i, self, handle.output_model) for i in ids]  # type: ignore[arg-type]
 
+    async def aclose(self) -> None:
+        """Close the pooled async connections (and LISTEN connection) of the running event
+        loop: at the end of an app's lifespan (the rest closes with the loop anyway)."""
+        if self._async_store is not None:
+            await self._async_store.dispose()
+
     async def await_task(self, task_id: int, timeout: float | None = None) -> Task:
         """:meth:`~lilota.core.Lilota.wait` for asyncio code: the task once it is
         completed, failed or cancelled, without blocking the event loop. Raises as
