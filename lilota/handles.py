@@ -82,6 +82,10 @@ class TaskRef(int, Generic[Out_co]):
         ref._lilota, ref._output_model = lilota, output_model
         return ref
 
+    def __reduce__(self) -> tuple[type[int], tuple[int]]:
+        # Pickled (to another process, a cache) it is the plain id: the instance stays here.
+        return int, (int(self),)
+
     @property
     def id(self) -> int:
         return int(self)

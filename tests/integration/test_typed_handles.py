@@ -70,6 +70,7 @@ def test_the_decorated_name_is_still_the_plain_function(app: Lilota, handle) -> 
 def test_a_typed_handle_schedules_and_rebuilds_the_output(app: Lilota, handle) -> None:  # type: ignore[no-untyped-def]
     ref = handle.schedule(ReportInput(month="2026-01"), priority=3, unique_key="jan")
     assert isinstance(ref, TaskRef) and isinstance(ref, int) and ref.id == int(ref)
+    assert type(pickle.loads(pickle.dumps(ref))) is int  # crossing processes: the id
     assert handle.schedule(ReportInput(month="2026-01"), unique_key="jan") == ref
     assert app.get_task_by_id(ref).priority == 3  # type: ignore[union-attr]
     with pytest.raises(TaskNotFinished, match=rf"task {ref} \(report\) is still pending"):
