@@ -216,9 +216,7 @@ class Registering:
     """The ``register`` decorator of :class:`~lilota.core.Lilota` (typed overloads)."""
 
     registry: Registry
-
-    def _started(self) -> bool:
-        raise NotImplementedError
+    _started: Callable[[], bool]  # whether the instance's workers are started (Lilota's)
 
     # With an input model and an output model, with one of them, with neither.
     @overload

@@ -137,10 +137,22 @@ def test_a_handle_schedules_in_the_callers_transaction(
         engine.dispose()
 
 
-def test_eager_mode_runs_tasks_scheduled_through_a_handle(app: Lilota, handle) -> None:  # type: ignore[no-untyped-def]
-    with eager(app):
-        ref = handle.schedule(ReportInput(month="2026-01"))
-        assert ref.get().status is TaskStatus.COMPLETED  # type: ignore[union-attr]
+def test_eager_mode_runs_tasks_scheduled_through_a_handle(
+    app: Lilota,
+    handle,  # type: ignore[no-untyped-def]
+    lilota_db_url: str,
+) -> None:
+    engine = sa.create_engine(lilota_db_url)
+    try:
+        with eager(app):
+            ref = handle.schedule(ReportInput(month="2026-01"))
+            assert ref.get().status is TaskStatus.COMPLETED  # type: ignore[union-attr]
+            with engine.connect() as conn:  # not committed: not run (SQLite: no lock wait)
+                later = handle.schedule(ReportInput(month="2026-02"), connection=conn)
+                conn.commit()
+            assert later.get().status is TaskStatus.PENDING  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
 
 
 def test_a_callable_that_takes_no_attributes_is_wrapped(app: Lilota) -> None:
