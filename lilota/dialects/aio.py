@@ -71,15 +71,19 @@ class FinishWatch:
     async def _run(self) -> None:
         import psycopg
 
+        failing = False
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, **self._connect_args
                 )
             except psycopg.Error as e:
-                log.warning("cannot LISTEN for finished tasks (%s); reading at intervals", e)
+                if not failing:  # one warning per outage, not one per second
+                    log.warning("cannot LISTEN for finished tasks (%s); reading at intervals", e)
+                failing = True
                 await asyncio.sleep(1.0)
                 continue
+            failing = False
             try:
                 await conn.execute(f"LISTEN {FINISHED_CHANNEL}")
                 self._ready.set()

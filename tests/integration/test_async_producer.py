@@ -222,3 +222,27 @@ def test_await_task_of_a_task_cancelled_while_waiting(app: Lilota) -> None:
         return (await waiter).status
 
     assert run(app, main) is TaskStatus.CANCELLED
+
+
+def test_await_task_reads_at_intervals_when_it_cannot_listen(
+    app: Lilota, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if app.store.is_sqlite:
+        pytest.skip("SQLite reads at intervals anyway")
+    from lilota.dialects import aio
+
+    # A LISTEN connection to a port nothing listens on (loopback): it never comes.
+    monkeypatch.setattr(aio, "CONNECT_TIMEOUT", 0.05)
+    monkeypatch.setattr(
+        app.store.dialect,
+        "finish_watch",
+        lambda: aio.FinishWatch("host=127.0.0.1 port=1 connect_timeout=1", {}),
+    )
+
+    async def main() -> Any:
+        task_id = await app.aschedule("total", {"values": [5]})
+        waiter = asyncio.create_task(app.await_task(task_id, timeout=120))
+        await asyncio.to_thread(run_pending, app)
+        return (await waiter).output
+
+    assert run(app, main) == {"total": 5}
