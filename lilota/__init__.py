@@ -26,6 +26,8 @@ from lilota.errors import (
     TaskAlreadyFinished,
     TaskAlreadyRegistered,
     TaskCancelled,
+    TaskFailed,
+    TaskNotFinished,
     TaskNotFound,
     TaskNotRegistered,
     TaskNotRetryable,
@@ -34,6 +36,7 @@ from lilota.errors import (
     WorkerLost,
     WorkerStartupError,
 )
+from lilota.handles import TaskHandle, TaskRef
 from lilota.hooks import TaskInfo, TaskOutcome
 from lilota.models import ModelProtocol, Task, TaskError, TaskProgress, TaskStatus
 from lilota.schedules import crontab, every
@@ -68,12 +71,16 @@ __all__ = [
     "TaskCancelled",
     "TaskContext",
     "TaskError",
+    "TaskFailed",
+    "TaskHandle",
     "TaskInfo",
+    "TaskNotFinished",
     "TaskNotFound",
     "TaskNotRegistered",
     "TaskNotRetryable",
     "TaskOutcome",
     "TaskProgress",
+    "TaskRef",
     "TaskStatus",
     "TaskTimeout",
     "WorkerAlreadyStarted",

@@ -9,13 +9,26 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
+
+from typing_extensions import Unpack
 
 from lilota import tracing, validation
-from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound, WorkerAlreadyStarted
+from lilota.asyncapi import AsyncProducer
+from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound
+from lilota.handles import (
+    In,
+    Out,
+    Registering,
+    ScheduleManyOptions,
+    ScheduleOptions,
+    TaskHandle,
+    TaskRef,
+    target,
+)
 from lilota.hooks import HookDecorators
 from lilota.logs import ENV_LOG_LEVEL
 from lilota.models import Task, TaskStatus
@@ -50,7 +63,7 @@ log = logging.getLogger(__name__)
 _PRUNE_AT = 10_000
 
 
-class Lilota(HookDecorators):
+class Lilota(Registering, AsyncProducer, HookDecorators):
     """Schedules tasks, reads them back, and runs worker processes.
 
     ``Lilota(db_url)`` alone is a scheduler (a web app); ``start()`` also starts
@@ -131,6 +144,7 @@ class Lilota(HookDecorators):
         # Tasks can be shared with another instance (its registry), e.g. one per database.
         self.registry = registry if registry is not None else Registry()
         self._store: TaskStore | None = None
+        self._async_store = None
         self._supervisor: Supervisor | None = None
         self._scheduled: set[int] = set()
         self._lock = threading.Lock()
@@ -140,43 +154,8 @@ class Lilota(HookDecorators):
 
     # ------------------------------------------------------------------ tasks
 
-    def register(
-        self,
-        name: str,
-        input_model: type | None = None,
-        output_model: type | None = None,
-        task_progress: type | None = None,
-        **options: Any,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register a task function under ``name`` for this instance's workers.
-
-        Options: ``max_attempts`` (default 1: an exception or a timeout fails the task at
-        once; give more to retry it), ``retry_on`` (an exception class or a tuple: only
-        those are retried; default ``Exception``; ``raise NoRetry(...)`` fails at once),
-        ``retry_delay`` (default 1 s before the first retry, doubled for each next one,
-        less up to 25 % jitter, at most 1 h), ``max_recoveries`` (default 3: how many times
-        the task runs again after its worker was lost, apart from attempts; 0 for a task
-        that must never run twice), ``timeout`` (a timedelta or
-        seconds; default none: the process running a task past it is replaced),
-        ``schedule`` (``every(...)``/``crontab(...)``: a periodic task), ``cpu_bound``
-        (run in a process pool of the worker, so that it blocks neither the worker's
-        event loop nor its other tasks).
-        Raises :class:`~lilota.errors.TaskAlreadyRegistered` for a name used before, and
-        :class:`~lilota.errors.WorkerAlreadyStarted` once ``start()`` started worker
-        processes (they know only the tasks registered before; register every task first).
-        """
-        if self._supervisor is not None:
-            raise WorkerAlreadyStarted(
-                f"cannot register task {name!r}: this instance's workers are already "
-                "started; register every task before start()"
-            )
-        return self.registry.register(  # type: ignore[no-any-return]
-            name,
-            input_model=input_model,
-            output_model=output_model,
-            task_progress=task_progress,
-            **options,
-        )
+    def _started(self) -> bool:
+        return self._supervisor is not None
 
     @property
     def store(self) -> TaskStore:
@@ -349,9 +328,17 @@ class Lilota(HookDecorators):
                 "this Lilota instance was stopped; call start() again to schedule tasks"
             )
 
+    # By name: the id; by handle (lilota.schedule(report, ReportInput(...))): a TaskRef.
+    @overload
+    def schedule(
+        self, name: TaskHandle[..., Any, In, Out], input: In, **o: Unpack[ScheduleOptions]
+    ) -> TaskRef[Out]: ...
+    @overload
+    def schedule(self, name: str, input: Any = None, **o: Unpack[ScheduleOptions]) -> int: ...
+
     def schedule(
         self,
-        name: str,
+        name: str | TaskHandle[..., Any, Any, Any],
         input: Any = None,
         *,
         run_at: datetime | None = None,
@@ -360,13 +347,17 @@ class Lilota(HookDecorators):
         unique_key: str | None = None,
         description: str | None = None,
         max_attempts: int | None = None,
+        connection: object = None,
     ) -> int:
         """Store a new pending task and return its id; a worker starts it right away.
 
         ``input`` is a model instance (dataclass, pydantic, ``as_dict()``) or a dict.
         ``run_at`` (a datetime; naive means UTC) or ``delay`` postpone it; higher
         ``priority`` runs first; with ``unique_key``, while a pending or running task has
-        the same key, its id is returned and nothing is added.
+        the same key, its id is returned and nothing is added. With ``connection`` (a
+        SQLAlchemy ``Connection`` or ORM ``Session`` of the application, on this
+        instance's database) the task is written in that transaction: workers see it once
+        the application commits, and it is gone if it rolls back.
 
         Raises, writing nothing: :class:`~lilota.errors.TaskNotRegistered` for an unknown
         name (when this instance knows its tasks), :class:`~lilota.errors.InvalidInput` for
@@ -376,12 +367,17 @@ class Lilota(HookDecorators):
         ``priority`` that is not an int...) and :class:`~lilota.errors.InvalidArgument` for
         one out of range (``run_at`` with ``delay``, a ``priority`` beyond 32 bits, a
         ``delay`` past the year 9999...), alike on every database. The checks are
-        :func:`lilota.registry.new_task`'s.
+        :func:`lilota.registry.new_task`'s. With ``connection``: also
+        :class:`~lilota.errors.InvalidArgumentType` for an object that is not a
+        ``Connection`` or ``Session``, :class:`~lilota.errors.InvalidArgument` for a closed
+        one or one to another database, :class:`~lilota.errors.ConfigurationError` if
+        lilota's tables are not created yet (``start()`` creates them).
         """
         self._check_open()
-        with tracing.scheduling(name) as traced:  # a span if a trace is active (lilota[otel])
+        task_name, handle = target(name)
+        with tracing.scheduling(task_name) as traced:  # a span if a trace is active (lilota[otel])
             task = new_task(
-                name,
+                task_name,
                 input,
                 registry=self.registry,
                 known_names=self._known_names(),
@@ -394,37 +390,52 @@ class Lilota(HookDecorators):
                 max_attempts=max_attempts,
                 trace_context=traced.context,
             )
-            task_id = self.store.add(task)
+            task_id = self.store.add(task, connection=connection)
             traced.scheduled([task_id])
         self._remember([task_id])
-        return task_id
+        return task_id if handle is None else TaskRef(task_id, self, handle.output_model)
+
+    @overload
+    def schedule_many(
+        self,
+        name: TaskHandle[..., Any, In, Out],
+        inputs: Iterable[In],
+        **o: Unpack[ScheduleManyOptions],
+    ) -> list[TaskRef[Out]]: ...
+    @overload
+    def schedule_many(
+        self, name: str, inputs: Iterable[Any], **o: Unpack[ScheduleManyOptions]
+    ) -> list[int]: ...
 
     def schedule_many(
         self,
-        name: str,
+        name: str | TaskHandle[..., Any, Any, Any],
         inputs: Iterable[Any],
         *,
         run_at: datetime | None = None,
         delay: timedelta | None = None,
         priority: int = 0,
         max_attempts: int | None = None,
-    ) -> list[int]:
+        connection: object = None,
+    ) -> list[int] | list[TaskRef[Any]]:
         """Schedule one task per input in a single statement; returns their ids in order.
 
         Every input is checked first: one bad input raises and none is stored. Raises as
         :meth:`schedule` does, and :class:`~lilota.errors.InvalidArgumentType` for
-        ``inputs`` that are not an iterable (or are a str, bytes or a mapping).
+        ``inputs`` that are not an iterable (or are a str, bytes or a mapping). With
+        ``connection``, in that transaction, as :meth:`schedule` says.
         """
         self._check_open()
+        task_name, handle = target(name)
         known_names = self._known_names()
         values = validation.inputs(inputs)
         options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
         # The same checks with no input: a bad option is refused even for an empty list.
-        check_options(name, known_names=known_names, clock=self._clock, **options)
-        with tracing.scheduling(name) as traced:  # one span for the batch (lilota[otel])
+        check_options(task_name, known_names=known_names, clock=self._clock, **options)
+        with tracing.scheduling(task_name) as traced:  # one span for the batch (lilota[otel])
             tasks = [
                 new_task(
-                    name,
+                    task_name,
                     value,
                     registry=self.registry,
                     known_names=known_names,
@@ -435,10 +446,10 @@ class Lilota(HookDecorators):
                 )
                 for value in values
             ]
-            ids = self.store.add_many(tasks)
+            ids = self.store.add_many(tasks, connection=connection)
             traced.scheduled(ids)
         self._remember(ids)
-        return ids
+        return ids if handle is None else [TaskRef(i, self, handle.output_model) for i in ids]
 
     def _remember(self, ids: Sequence[int]) -> None:
         if self._supervisor is None:

@@ -151,3 +151,23 @@ class NoRetry(LilotaError):
 
 class TaskCancelled(LilotaError):
     """Raised inside a task by ``TaskProgress.raise_if_cancelled()``; ends the task as cancelled."""
+
+
+class TaskFailed(LilotaError):
+    """Raised by ``Task.result()`` for a task that failed: ``remote_type``,
+    ``remote_message`` and ``remote_traceback`` are those of what the task raised (its
+    :class:`~lilota.models.TaskError`), ``task_id`` its id."""
+
+    def __init__(
+        self, task_id: int, name: str, remote_type: str, remote_message: str, remote_traceback: str
+    ) -> None:
+        what = f"{remote_type}: {remote_message}" if remote_message else remote_type
+        super().__init__(f"task {task_id} ({name}) failed: {what}")
+        self.task_id = task_id
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+
+class TaskNotFinished(LilotaError):
+    """Raised by ``Task.result()`` for a task that is still pending or running."""

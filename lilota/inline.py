@@ -156,7 +156,9 @@ def eager(
     Patches this one instance (for instance your app's module-level ``Lilota``); the
     original methods come back at the end of the block. A task that schedules through the
     same instance while it runs inline gets its follow-up run after it, not inside it.
-    ``retry_now`` and ``max_runs`` are those of :func:`run_pending`.
+    A task scheduled in your transaction (``connection=``) is not run then (it is not
+    committed yet): call :func:`run_pending` after the commit; nor are those of
+    ``aschedule``. ``retry_now`` and ``max_runs`` are those of :func:`run_pending`.
     """
     state = threading.local()
     original_schedule = lilota.schedule
@@ -175,13 +177,15 @@ def eager(
             state.running = False
 
     def schedule(*args: Any, **kwargs: Any) -> int:
-        task_id = original_schedule(*args, **kwargs)
-        drain()
+        task_id: int = original_schedule(*args, **kwargs)
+        if kwargs.get("connection") is None:  # else not committed yet: nothing to run
+            drain()
         return task_id
 
     def schedule_many(*args: Any, **kwargs: Any) -> list[int]:
         ids = original_schedule_many(*args, **kwargs)
-        drain()
+        if kwargs.get("connection") is None:
+            drain()
         return ids
 
     _inline_names(lilota, None)  # fail now, not at the first schedule()

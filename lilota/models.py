@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import traceback
@@ -9,9 +10,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, runtime_checkable
 
-from lilota.errors import InvalidArgument, InvalidArgumentType, TaskCancelled
+from typing_extensions import TypeVar
+
+from lilota.conversion import build
+from lilota.errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFinished,
+)
+
+# What a task returns, rebuilt as its output model by Task.result() (Any: unknown).
+Out = TypeVar("Out", covariant=True, default=Any)
 
 
 class TaskStatus(str, Enum):
@@ -108,13 +121,19 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 @dataclass(frozen=True, kw_only=True)
-class Task:
+class Task(Generic[Out]):
     """One row of the task table, as read at one moment (it does not update itself).
 
     ``input`` and ``output`` are the stored JSON decoded back to Python values: a task
     with an output model has a dict ``output``, so ``AddOutput(**task.output)`` rebuilds
-    it. Times are timezone-aware UTC datetimes.
+    it; :meth:`result` does that for a task read through a typed handle
+    (``Task[AddOutput]``, whose ``output_model`` is set). Times are timezone-aware UTC
+    datetimes.
     """
 
     id: int
@@ -131,7 +150,7 @@ class Task:
     attempts: int = 0
     max_attempts: int = 1
     priority: int = 0
-    created_at: datetime | None = None
+    created_at: datetime = dataclasses.field(default_factory=_utc_now)
     run_at: datetime | None = None
     lease_expires_at: datetime | None = None
     worker_id: str | None = None
@@ -141,6 +160,8 @@ class Task:
     max_recoveries: int = 3
     fence: int = 0
     legacy_id: str | None = None
+    # The model result() rebuilds the output as (a typed handle's); None: as stored.
+    output_model: type | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def is_final(self) -> bool:
@@ -156,6 +177,22 @@ class Task:
     def error(self) -> TaskError | None:
         """The earlier release's name of :attr:`exception` (read-only, the same object)."""
         return self.exception
+
+    def result(self) -> Out:
+        """The output of a completed task, rebuilt as ``output_model`` (without one: as
+        stored, as :attr:`output`). Raises :class:`~lilota.errors.TaskFailed` for a failed
+        task (carrying the type, message and traceback of what it raised),
+        :class:`~lilota.errors.TaskCancelled` for a cancelled one and
+        :class:`~lilota.errors.TaskNotFinished` for a pending or running one."""
+        if self.status is TaskStatus.COMPLETED:
+            rebuilt: Out = build(self.output, self.output_model, root="output")
+            return rebuilt
+        if self.status is TaskStatus.FAILED:
+            error = self.exception or TaskError(type="", message="")
+            raise TaskFailed(self.id, self.name, error.type, error.message, error.traceback)
+        if self.status is TaskStatus.CANCELLED:
+            raise TaskCancelled(f"task {self.id} ({self.name}) was cancelled")
+        raise TaskNotFinished(f"task {self.id} ({self.name}) is still {self.status}")
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], decode: Callable[[str | None], Any]) -> Task:
@@ -179,7 +216,7 @@ class Task:
             attempts=int(row.get("attempts") or 0),
             max_attempts=int(row.get("max_attempts") or 1),
             priority=int(row.get("priority") or 0),
-            created_at=_aware(row.get("created_at")),
+            created_at=_aware(row.get("created_at")) or _utc_now(),
             run_at=_aware(row.get("run_at")),
             lease_expires_at=_aware(row.get("lease_expires_at")),
             worker_id=row.get("worker_id"),

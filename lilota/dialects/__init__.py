@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -25,6 +25,10 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.engine.url import URL
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+from lilota.dialects.aio import FINISHED_CHANNEL, FinishWatch, async_engine
 from lilota.dialects.sqlitefile import FileWatch, open_read_only, permanent_error, sqlite_engine
 from lilota.dialects.urls import is_memory_sqlite, lilota_options, postgres_connect_args
 from lilota.errors import DatabaseError
@@ -273,11 +277,23 @@ class Dialect:
         """Something an idle worker can wait on until tasks may have arrived."""
         return Listener()
 
+    def create_async_engine(self) -> AsyncEngine | None:
+        """An engine for asyncio callers (a driver of its own, no thread per call); None
+        where the backend has none (they run the store's calls in a thread)."""
+        return None
+
     def lock_schema(self, conn: Connection) -> None:
         """Serialise concurrent first starts creating the tables (until commit)."""
 
     def notify(self, conn: Connection) -> None:
         """Wake idle workers, once per statement (none where they watch the database)."""
+
+    def notify_finished(self, conn: Connection) -> None:
+        """Tell asyncio callers waiting for tasks that attempts ended (at commit)."""
+
+    def finish_watch(self) -> FinishWatch | None:
+        """What ``await_task`` waits on between two reads; None: it reads at intervals."""
+        return None
 
     def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """``query``, skipping rows another transaction holds where the backend can."""
@@ -405,6 +421,8 @@ class PostgresDialect(Dialect):
             "insert": t.insert().returning(t.c.id, notify.label("notified")),
             # Wake idle workers (they LISTEN on the channel).
             "notify": sa.select(notify),
+            # Wake await_task() callers: attempts ended (dialects.aio).
+            "notify_finished": sa.select(sa.func.pg_notify(FINISHED_CHANNEL, "")),
             # Serialise concurrent first starts; released at commit.
             "lock_schema": sa.select(sa.func.pg_advisory_xact_lock(0x6C696C6F7461)),
             # Insert a batch as one INSERT ... SELECT FROM unnest(one array per column), in
@@ -494,11 +512,24 @@ class PostgresDialect(Dialect):
             postgres_connect_args(url),
         )
 
+    def create_async_engine(self) -> AsyncEngine | None:
+        return async_engine(self.server_url, self.connect_args(self.server_url))
+
     def lock_schema(self, conn: Connection) -> None:
         conn.execute(self.sql["lock_schema"])
 
     def notify(self, conn: Connection) -> None:
         conn.execute(self.sql["notify"])
+
+    def notify_finished(self, conn: Connection) -> None:
+        conn.execute(self.sql["notify_finished"])
+
+    def finish_watch(self) -> FinishWatch | None:
+        # As listener(): not through a transaction pooler (LISTEN needs its own session).
+        if self.pooler == "transaction" and self.direct_url is None:
+            return None
+        url = (self.direct_url or self.server_url).set(drivername="postgresql")
+        return FinishWatch(url.render_as_string(hide_password=False), postgres_connect_args(url))
 
     def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)

@@ -29,12 +29,12 @@ from lilota.dialects import Dialect, dialect_for
 from lilota.dialects.transactions import transaction
 from lilota.dialects.urls import is_memory_sqlite, parse_url
 from lilota.dialects.urls import postgres_connect_args as postgres_connect_args
-from lilota.errors import DatabaseError, SchemaVersionError, TaskAlreadyFinished, TaskNotFound
+from lilota.errors import SchemaVersionError, TaskAlreadyFinished, TaskNotFound
 from lilota.listeners import Listener
 from lilota.models import Claim, LeaseReport, NewTask, Outcome, Task, TaskStatus
 from lilota.models import to_naive_utc as to_naive_utc
 from lilota.models import utcnow as utcnow
-from lilota.store import from1x, schema
+from lilota.store import from1x, inserts, schema
 from lilota.store.gauges import Gauges, read_gauges
 from lilota.store.schema import (
     ACTIVE,
@@ -167,51 +167,37 @@ class TaskStore:
         schema.check_layout(conn)
         return schema.version_of(conn)
 
-    def add(self, task: NewTask) -> int:
+    def add(self, task: NewTask, *, connection: object = None) -> int:
         """Insert one pending task and wake idle workers; returns its id. With a
         ``unique_key`` that a pending or running task already has, nothing is inserted and
         that task's id is returned. With a ``schedule_key`` that exists (that periodic tick
-        was created already), nothing is inserted and -1 returned."""
+        was created already), nothing is inserted and -1 returned. With ``connection`` (a
+        SQLAlchemy ``Connection`` or ``Session`` of the caller), in the caller's
+        transaction (:mod:`lilota.store.inserts`)."""
+        if connection is not None:
+            return inserts.add_in_caller_transaction(self, connection, [task])[0]
         if task.unique_key is None and task.schedule_key is None:
             return self._add_one(task)
-        for _ in range(5):
-            found = self._add_deduplicated(task)
-            if found is not None:
-                return found
-        raise DatabaseError(
-            f"could not schedule {task.name!r} with unique_key {task.unique_key!r}: "
-            "the task holding the key kept changing"
-        )
+        return self._add_deduplicated(task)
 
     @transaction(single=True, schema=True)
     def _add_one(self, conn: Connection, task: NewTask) -> int:
         return self.dialect.insert_one(conn, task.to_row(self.clock()))
 
     @transaction(schema=True)
-    def _add_deduplicated(self, conn: Connection, task: NewTask) -> int | None:
-        """Insert unless a unique or schedule key is taken; None if that changed meanwhile."""
-        row = task.to_row(self.clock())
-        inserted = conn.execute(self.dialect.insert_ignoring_conflicts(row)).first()
-        if inserted is not None:
-            self.dialect.notify(conn)
-            return int(inserted[0])
-        # The key is taken: the loser of a race reads the winner's row.
-        scheduled = sa.select(_t.id).where(_t.schedule_key == task.schedule_key)
-        if task.schedule_key is not None and conn.execute(scheduled).first():
-            return -1
-        held = _t.unique_key == task.unique_key, _t.status.in_(ACTIVE)
-        existing = conn.execute(sa.select(_t.id).where(*held)).first()
-        return None if existing is None else int(existing[0])
+    def _add_deduplicated(self, conn: Connection, task: NewTask) -> int:
+        return inserts.insert_task(self.dialect, conn, task, self.clock())
 
-    def add_many(self, tasks: Sequence[NewTask]) -> list[int]:
-        """Insert many pending tasks in one statement and one transaction; returns ids."""
+    def add_many(self, tasks: Sequence[NewTask], *, connection: object = None) -> list[int]:
+        """Insert many pending tasks in one statement and one transaction; returns ids
+        (with ``connection``, in the caller's transaction, as :meth:`add`)."""
+        if connection is not None:
+            return inserts.add_in_caller_transaction(self, connection, tasks)
         return self._add_many(tasks) if tasks else []
 
     @transaction(schema=True)
     def _add_many(self, conn: Connection, tasks: Sequence[NewTask]) -> list[int]:
-        ids = self.dialect.insert_many(conn, tasks, self.clock())
-        self.dialect.notify(conn)
-        return ids
+        return inserts.insert_tasks(self.dialect, conn, tasks, self.clock())
 
     def claim(
         self,
@@ -294,6 +280,8 @@ class TaskStore:
 
     def _finish_rows(self, conn: Connection, outcomes: Sequence[Outcome]) -> int:
         written = self.dialect.finish_many(conn, outcomes, self.clock())
+        if written:
+            self.dialect.notify_finished(conn)  # for await_task(), sent at commit
         if written < len(outcomes):
             msg = "%d of %d task outcomes were not recorded: their lease had been taken over"
             log.warning(msg, len(outcomes) - written, len(outcomes))
@@ -441,6 +429,7 @@ class TaskStore:
         :class:`TaskNotFound` or :class:`TaskAlreadyFinished`."""
         params = {"b_id": task_id, "now": self.clock()}
         if conn.execute(self.sql["cancel_pending"], params).rowcount:
+            self.dialect.notify_finished(conn)
             return TaskStatus.CANCELLED
         if conn.execute(self.sql["ask_to_cancel"], {"b_id": task_id}).rowcount:
             return TaskStatus.RUNNING

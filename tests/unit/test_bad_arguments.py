@@ -8,6 +8,7 @@ no row fails ``test_every_public_call_with_arguments_has_a_row``: add rows with 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -318,6 +319,49 @@ rows(
     [lambda e: e.lilota.schedule_many("add", [AddInput(1, 2)], run_at=1)],
 )
 
+# ---------------------------------------------------------------------- async and connection=
+
+rows(
+    "Lilota.aschedule: the checks of schedule",
+    InvalidArgumentType,
+    f"^priority must be {INT32}, got 'high'",
+    [lambda e: asyncio.run(e.lilota.aschedule("add", AddInput(1, 2), priority="high"))],
+)
+rows(
+    "Lilota.aschedule: input that does not fit the model",
+    InvalidInput,
+    "^input.b",
+    [lambda e: asyncio.run(e.lilota.aschedule("add", {"a": 1}))],
+)
+rows(
+    "Lilota.aschedule_many: one bad input among good ones",
+    InvalidInput,
+    "^input.b",
+    [lambda e: asyncio.run(e.lilota.aschedule_many("add", [AddInput(1, 2), {"a": 1}]))],
+)
+rows(
+    "Lilota.aschedule_many: inputs not an iterable of inputs",
+    InvalidArgumentType,
+    "^inputs must be",
+    [lambda e: asyncio.run(e.lilota.aschedule_many("add", 5))],
+)
+rows(
+    "Lilota.await_task: timeout not >= 0",
+    InvalidArgument,
+    "^timeout must be",
+    [lambda e: asyncio.run(e.lilota.await_task(e.first_id, timeout=-1))],
+)
+rows(
+    "Lilota.schedule: connection not a SQLAlchemy Connection or Session",
+    InvalidArgumentType,
+    "^connection must be a SQLAlchemy Connection or Session, got 'conn' \\(str\\)",
+    [
+        lambda e: e.lilota.schedule("add", AddInput(1, 2), connection="conn"),
+        lambda e: e.lilota.schedule_many("add", [], connection="conn"),
+        lambda e: asyncio.run(e.lilota.aschedule("add", AddInput(1, 2), connection="conn")),
+    ],
+)
+
 # ---------------------------------------------------------------------- ids
 
 _BAD_IDS: list[object] = ["1", 1.5, None, True]
@@ -339,6 +383,12 @@ for _bad in _BAD_IDS:
         InvalidArgumentType,
         f"^{NOT_AN_ID} ",
         [lambda e, bad=_bad: e.lilota.retry(bad)],
+    )
+    rows(
+        f"Lilota.await_task: {_bad!r}",
+        InvalidArgumentType,
+        f"^{NOT_AN_ID} ",
+        [lambda e, bad=_bad: asyncio.run(e.lilota.await_task(bad, timeout=0))],
     )
     rows(
         f"Lilota.wait: {_bad!r}",

@@ -5,6 +5,7 @@ tests/integration/test_observability.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -91,6 +92,29 @@ def test_the_attempt_span_is_a_child_of_the_schedule_span_and_current_in_the_tas
     assert parents["inside"] == ids["run double"]
     assert got["run double"].attributes["messaging.message.id"] == str(task_id)
     assert trace.get_current_span() is trace.INVALID_SPAN  # detached after the attempt
+
+
+def test_aschedule_and_aschedule_many_store_the_context_of_the_awaiting_request(
+    app: Lilota, spans: InMemorySpanExporter
+) -> None:
+    async def endpoint() -> tuple[int, list[int]]:
+        with trace.get_tracer("test").start_as_current_span("request"):
+            one = await app.aschedule("double", {"n": 1})
+            many = await app.aschedule_many("double", [{"n": 2}, {"n": 3}])
+        await app.aclose()  # this event loop's async connections
+        return one, many
+
+    one, many = asyncio.run(endpoint())
+    got = {s.name: s for s in spans.get_finished_spans()}
+    request = got["request"].get_span_context()
+    schedules = [s for s in spans.get_finished_spans() if s.name == "schedule double"]
+    assert len(schedules) == 2  # one per call, the batch in one span
+    assert {s.parent.span_id for s in schedules if s.parent} == {request.span_id}
+    claims = app.store.claim(worker_id="w", names=["double"], limit=3, lease=LEASE)
+    assert {c.id for c in claims} == {one, *many}
+    for claim in claims:
+        traceparent = json.loads(claim.trace_context or "")["traceparent"]
+        assert traceparent.split("-")[1] == format(request.trace_id, "032x")
 
 
 def test_an_unreadable_stored_context_is_logged_and_the_task_runs_in_a_new_trace(
