@@ -3,8 +3,11 @@
 A worker process (started by ``Lilota.start()``, by ``lilota worker``, by a TaskRunner
 or by a script calling ``LilotaWorker.start()``) calls :func:`setup_worker_logging` once,
 after its ``worker_init`` hooks: if the root logger has no handler yet (the application
-configured nothing), one handler writing to stderr is added, in :data:`FORMAT`, which names
-the worker (``worker-3``: its slot under a supervisor) and its pid. An application that
+configured nothing), one handler writing to stderr is added (:class:`WorkerStderr`), in
+:data:`FORMAT`, which names the worker (``worker-3``: its slot under a supervisor) and its
+pid. It writes records below WARNING in bunches, at most :data:`HOLD_FOR` seconds late: a
+busy worker logs a line per task, and a write per line (with the wake-up of the
+supervisor that passes it on) cost more than a short task itself. An application that
 configured logging (``dictConfig``, ``basicConfig``, a ``worker_init`` hook, the
 TaskRunner's forwarding of records) keeps its own handlers: none is added.
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from lilota.errors import ConfigurationError
@@ -66,6 +71,72 @@ def log_level_number(level: object, option: str = "logging_level") -> int:
     return number
 
 
+# Records below WARNING wait at most this long (seconds) before they are written, with
+# whatever else arrived meanwhile; WARNING and above are written at once, after them.
+HOLD_FOR = 0.1
+# ... or until this many are held.
+HOLD_AT_MOST = 1000
+
+
+class WorkerStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """The default handler of a worker process: stderr, records below WARNING written
+    together at most :data:`HOLD_FOR` seconds after the first of them (by a thread of
+    its own), WARNING and above at once; :meth:`flush` writes what is held (at exit,
+    logging's own shutdown does; before ``os._exit``, :func:`flush_worker_log`)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._held: list[str] = []
+        self._first_held = threading.Event()
+        threading.Thread(target=self._write_later, name="lilota-log", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._held.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._held) >= HOLD_AT_MOST:
+            self._write_held()
+        elif len(self._held) == 1:
+            self._first_held.set()
+
+    def _write_held(self) -> None:
+        if not self._held:
+            return
+        text = "".join(self._held)
+        self._held.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed: nowhere to write
+            pass
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_held()
+        finally:
+            self.release()
+
+    def _write_later(self) -> None:
+        while True:
+            self._first_held.wait()
+            self._first_held.clear()
+            time.sleep(HOLD_FOR)
+            self.flush()
+
+
+_worker_handler: WorkerStderr | None = None
+
+
+def flush_worker_log() -> None:
+    """Write what the default handler holds (before this process ends with ``os._exit``,
+    which skips logging's own shutdown)."""
+    if _worker_handler is not None:
+        _worker_handler.flush()
+
+
 def worker_name() -> str:
     """``worker-N`` under a supervisor (its slot, from 1), else ``worker``."""
     return os.environ.get(ENV_WORKER_NAME) or "worker"
@@ -84,7 +155,8 @@ def setup_worker_logging() -> logging.Handler | None:
         return None
     if lilota_logger.level == logging.NOTSET:
         lilota_logger.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    global _worker_handler
+    handler = _worker_handler = WorkerStderr()
     handler.setFormatter(logging.Formatter(FORMAT.format(worker=worker_name())))
     root.addHandler(handler)
     return handler

@@ -77,6 +77,26 @@ class _Slot:
     )
 
 
+# A worker's stderr is read in chunks of up to this many bytes, passed on whole lines at a
+# time; writes of the supervisor's threads to its stderr never interleave within a chunk.
+FORWARD_CHUNK = 65536
+_stderr_lock = threading.Lock()
+
+
+def _pass_on(slot: _Slot, data: bytes) -> None:
+    text = data.decode(errors="replace")
+    # The last lines only (the tail a crash report shows), without splitting all of them.
+    slot.stderr_tail.extend(
+        line + "\n" for line in text.rstrip("\n").rsplit("\n", STDERR_TAIL)[-STDERR_TAIL:]
+    )
+    with _stderr_lock:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):  # the caller's stderr is closed
+            pass
+
+
 def is_worker_process() -> bool:
     """True inside a process that a supervisor started as a worker."""
     return os.environ.get(ENV_WORKER_PROCESS) == "1"
@@ -235,14 +255,28 @@ class Supervisor:
 
     @staticmethod
     def _forward_stderr(slot: _Slot, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            text = raw.decode(errors="replace")
-            slot.stderr_tail.append(text)
+        """Pass a worker's stderr on to ours in whole lines, as many as have arrived in one
+        write (a busy worker logs a line per task: one write per line would cost the
+        supervisor more than the worker spent on the task)."""
+        fd = stream.fileno()
+        pending = b""
+        while True:
             try:
-                sys.stderr.write(text)
-                sys.stderr.flush()
-            except (OSError, ValueError):  # the caller's stderr is closed
-                pass
+                chunk = os.read(fd, FORWARD_CHUNK)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            data = pending + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) < FORWARD_CHUNK:  # no whole line yet
+                pending = data
+                continue
+            cut = cut or len(data)  # an endless line is passed on in pieces
+            pending = data[cut:]
+            _pass_on(slot, data[:cut])
+        if pending:
+            _pass_on(slot, pending)
         stream.close()
 
     def _wait_ready(self, slot: _Slot, deadline: float) -> None:

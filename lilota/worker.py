@@ -37,7 +37,7 @@ from lilota import execution, metrics
 from lilota.errors import DatabaseError, LilotaError, WorkerAlreadyStarted, WorkerExit
 from lilota.hooks import HookDecorators
 from lilota.ledger import LeaseKeeper, Ledger, idle_wait
-from lilota.logs import init_worker_process
+from lilota.logs import flush_worker_log, init_worker_process
 from lilota.models import Claim, Outcome
 from lilota.registry import Registry
 from lilota.settings import WorkerSettings, check_overrides, default_db_url, set_logging_level
@@ -154,6 +154,7 @@ class WorkerLoop:
 
     def abandon(self, exit_code: WorkerExit) -> None:
         """Give every held task back, record what is done, and end the process now."""
+        flush_worker_log()  # os._exit skips logging's shutdown (WARNING and up are written)
         unrecorded, queued, running = self.ledger.take_all()
         if exit_code == WorkerExit.DATABASE_REPLACED:  # their rows went with the old file
             os._exit(exit_code)

@@ -271,11 +271,28 @@ def test_a_worker_process_logs_to_stderr_at_info_naming_the_worker(
         assert logging.getLogger("lilota").level == logging.INFO
         logging.getLogger("lilota.tasks").info("task 1 ok attempt 1/1 completed in 0.001 s")
         logging.getLogger("lilota.tasks").debug("not shown")
+        handler.flush()  # INFO lines are written together, up to HOLD_FOR later
     err = capsys.readouterr().err
     assert err.endswith(
         f" INFO worker-7[{os.getpid()}] lilota.tasks: task 1 ok attempt 1/1 completed in 0.001 s\n"
     )
     assert "not shown" not in err
+
+
+def test_a_warning_is_written_at_once_after_the_lines_held_before_it(
+    worker_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with bare_root():
+        setup_worker_logging()
+        tasks = logging.getLogger("lilota.tasks")
+        tasks.info("task 1 ok attempt 1/1 completed in 0.001 s")
+        tasks.warning("task 2 ok attempt 1/3 failed in 0.001 s: ValueError: x; retrying in 1.0 s")
+        err = capsys.readouterr().err  # no flush: the warning wrote both
+    lines = err.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "task 1 ok attempt 1/1 completed in 0.001 s",
+        "task 2 ok attempt 1/3 failed in 0.001 s: ValueError: x; retrying in 1.0 s",
+    ]
 
 
 def test_the_level_comes_from_the_environment(
