@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lilota import execution
 from lilota.errors import DatabaseError, LilotaError, WorkerLost
 from lilota.ledger import idle_wait
+from lilota.logs import setup_worker_logging
 from lilota.store import TaskStore
 
 if TYPE_CHECKING:
@@ -358,7 +359,8 @@ class AsyncLane:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.settings.cpu_bound_processes,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_watch_worker,
+                initializer=_pool_process_init,
+                initargs=(logging.getLogger("lilota").level,),
             )
         url = self.store.url.render_as_string(hide_password=False)
         future = self._pool.submit(_call_in_pool, url, running.definition, running.claim)
@@ -409,10 +411,20 @@ class AsyncLane:
 _pool_store: TaskStore | None = None
 
 
+def _pool_process_init(log_level: int) -> None:
+    """Pool process initializer: the worker's default logging (as in the worker process:
+    :func:`lilota.logs.setup_worker_logging`, at the worker's level), then
+    :func:`_watch_worker`. ``worker_init`` hooks run in the worker process only."""
+    if log_level != logging.NOTSET:
+        logging.getLogger("lilota").setLevel(log_level)
+    setup_worker_logging()
+    _watch_worker()
+
+
 def _watch_worker() -> None:
-    """Pool process initializer: end this process when its worker process ends, however
-    it ends (a pool process otherwise waits forever for work from a parent that is gone,
-    e.g. after the worker was killed or replaced)."""
+    """End this pool process when its worker process ends, however it ends (a pool
+    process otherwise waits forever for work from a parent that is gone, e.g. after the
+    worker was killed or replaced)."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return

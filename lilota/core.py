@@ -30,7 +30,7 @@ from lilota.handles import (
     target,
 )
 from lilota.hooks import HookDecorators
-from lilota.logs import ENV_LOG_LEVEL
+from lilota.logs import ENV_LOG_LEVEL, log_level_number
 from lilota.models import Task, TaskStatus
 from lilota.registry import Registry, check_options, new_task
 from lilota.settings import (
@@ -94,13 +94,8 @@ class Lilota(Registering, AsyncProducer, HookDecorators):
         log_level: int | str | None = None,
         logging_level: int | str | None = None,
     ) -> None:
-        if log_level is not None and logging_level is not None:
-            raise ConfigurationError("give log_level or logging_level (its earlier name), not both")
         # The level of the "lilota" logger here, and in the worker processes (shipped).
-        self.log_level = set_logging_level(
-            logging_level if log_level is None else log_level,
-            "logging_level" if log_level is None else "log_level",
-        )
+        self.log_level = set_logging_level(log_level, "log_level", earlier=logging_level)
         if db_url is None:
             db_url = default_db_url()
         self.db_url = str(db_url)
@@ -182,6 +177,8 @@ class Lilota(Registering, AsyncProducer, HookDecorators):
                 "the Lilota instance starts it at import time. Call start() under "
                 '`if __name__ == "__main__":` (worker processes import your main module).'
             )
+        if self.log_level is None and os.environ.get(ENV_LOG_LEVEL):  # checked once, here
+            log_level_number(os.environ[ENV_LOG_LEVEL], f"${ENV_LOG_LEVEL}")
         self.store.ensure_schema()
         self._stopped = False
         if self._supervisor is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, 
 
 from typing_extensions import TypeVar, Unpack
 
-from lilota.errors import RegistrationError, WorkerAlreadyStarted
+from lilota.errors import ConfigurationError, RegistrationError, WorkerAlreadyStarted
 from lilota.models import Task
 from lilota.registry import Registry
 
@@ -173,9 +173,42 @@ class BoundTask:
 BOUND = "__lilota_task__"
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedTask(BoundTask):
+    """The handle of a function registered on more than one Lilota instance (or under
+    two names): its own ``schedule`` cannot know which is meant, so it refuses, naming
+    the way that does (``lilota.schedule(func, ...)`` on the instance)."""
+
+    def _refuse(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self.name!r} is registered on more than one Lilota instance (or under more "
+            "than one name), so its handle cannot tell where to schedule: call "
+            f"schedule on the instance you mean, lilota.schedule({self.name}, ...)"
+        )
+
+    def schedule(self, input: Any = None, /, **options: Any) -> TaskRef[Any]:
+        raise self._refuse()
+
+    def schedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
+        raise self._refuse()
+
+    async def aschedule(self, input: Any = None, /, **options: Any) -> TaskRef[Any]:
+        raise self._refuse()
+
+    async def aschedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
+        raise self._refuse()
+
+
 def bind(func: Any, task: BoundTask) -> Any:
     """``func`` itself, given the handle's attributes (one that takes no attributes, a
-    bound method say, is wrapped in a :class:`_Wrapped` instead)."""
+    bound method say, is wrapped in a :class:`_Wrapped` instead). A function bound
+    already to another instance or name gets a :class:`SharedTask`, whose ``schedule``
+    refuses rather than write to one of the databases at random."""
+    earlier = getattr(func, BOUND, None)
+    if isinstance(earlier, BoundTask) and (
+        earlier.lilota is not task.lilota or earlier.name != task.name
+    ):
+        task = SharedTask(task.lilota, task.name, task.output_model)
     attributes = {
         BOUND: task,
         "task_name": task.name,

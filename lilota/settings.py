@@ -185,11 +185,18 @@ def _user_env() -> dict[str, Any]:
     return values
 
 
-def set_logging_level(level: int | str | None, option: str = "logging_level") -> int | None:
-    """The earlier release's ``logging_level=`` (of Lilota, LilotaWorker and TaskRunner):
-    set the level of the ``lilota`` logger (and so of its children, ``lilota.worker`` and
-    the rest) in this process; None leaves it as it is. Returns the level number (None if
-    not given); a bad one raises ConfigurationError (see :func:`log_level_number`)."""
+def set_logging_level(
+    level: int | str | None, option: str = "logging_level", *, earlier: int | str | None = None
+) -> int | None:
+    """``log_level=`` (or the earlier release's ``logging_level=``, given as ``earlier``:
+    not both) of Lilota, LilotaWorker and TaskRunner: set the level of the ``lilota``
+    logger (and so of its children, ``lilota.worker`` and the rest) in this process; None
+    leaves it as it is. Returns the level number (None if not given); a bad one raises
+    ConfigurationError (see :func:`log_level_number`)."""
+    if level is not None and earlier is not None:
+        raise ConfigurationError("give log_level or logging_level (its earlier name), not both")
+    if level is None:
+        level, option = earlier, "logging_level"
     if level is None:
         return None
     number = log_level_number(level, option)

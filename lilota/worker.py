@@ -404,10 +404,10 @@ class LilotaWorker(HookDecorators):
         async_concurrency: int | None = None,
         cpu_bound_processes: int | None = None,
         cancel_grace: timedelta | None = None,
-        logging_level: int | str | None = None,
+        log_level: int | str | None = None,
+        logging_level: int | str | None = None,  # the earlier release's name of log_level
     ) -> None:
-        # The earlier release's logging_level: the level of the "lilota" logger here.
-        set_logging_level(logging_level)
+        set_logging_level(log_level, "log_level", earlier=logging_level)  # "lilota" logger
         if db_url is None:
             db_url = default_db_url()
         self.db_url = db_url

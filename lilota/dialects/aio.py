@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 FINISHED_CHANNEL = "lilota_finished"
 
-# How long a first waiter waits for the LISTEN connection before reading at intervals.
+# How long a first waiter waits for the first attempt at the LISTEN connection before
+# reading at intervals; while the connection cannot be had, later waiters do not wait.
 CONNECT_TIMEOUT = 5.0
 
 
@@ -55,6 +56,7 @@ class FinishWatch:
         self._conninfo, self._connect_args = conninfo, connect_args
         self._event = asyncio.Event()  # set by the next notification
         self._ready = asyncio.Event()  # LISTEN is in effect
+        self._tried = asyncio.Event()  # the first attempt to connect ended, either way
         self._runner: asyncio.Task[None] | None = None
 
     async def signal(self) -> asyncio.Event | None:
@@ -62,10 +64,11 @@ class FinishWatch:
         while the LISTEN connection cannot be had (the caller reads at intervals)."""
         if self._runner is None or self._runner.done():
             self._ready.clear()
+            self._tried.clear()
             self._runner = asyncio.create_task(self._run(), name="lilota-finish-watch")
-        if not self._ready.is_set():
+        if not self._ready.is_set() and not self._tried.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT)
+                await asyncio.wait_for(self._tried.wait(), CONNECT_TIMEOUT)
         return self._event if self._ready.is_set() else None
 
     async def _run(self) -> None:
@@ -81,12 +84,14 @@ class FinishWatch:
                 if not failing:  # one warning per outage, not one per second
                     log.warning("cannot LISTEN for finished tasks (%s); reading at intervals", e)
                 failing = True
+                self._tried.set()
                 await asyncio.sleep(1.0)
                 continue
             failing = False
             try:
                 await conn.execute(f"LISTEN {FINISHED_CHANNEL}")
                 self._ready.set()
+                self._tried.set()
                 self._wake()  # what ended while there was no connection
                 async for _ in conn.notifies():
                     self._wake()

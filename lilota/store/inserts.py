@@ -146,7 +146,13 @@ def caller_connection(connection: object) -> Connection:
                 "connection must be a SQLAlchemy Connection or Session, got "
                 f"{connection!r} ({kind.__qualname__}){hint}"
             )
-        conn = connection.connection()
+        try:
+            conn = connection.connection()
+        except exc.UnboundExecutionError as e:
+            raise InvalidArgument(
+                f"connection: the Session {connection!r} is bound to no engine; make it with "
+                "Session(engine) or sessionmaker(bind=engine)"
+            ) from e
     if conn.closed or conn.invalidated:
         raise InvalidArgument("connection is closed; pass an open Connection or Session")
     return conn

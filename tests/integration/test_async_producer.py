@@ -231,8 +231,9 @@ def test_await_task_reads_at_intervals_when_it_cannot_listen(
         pytest.skip("SQLite reads at intervals anyway")
     from lilota.dialects import aio
 
-    # A LISTEN connection to a port nothing listens on (loopback): it never comes.
-    monkeypatch.setattr(aio, "CONNECT_TIMEOUT", 0.05)
+    # A LISTEN connection to a port nothing listens on (loopback): it never comes. Each
+    # read does not wait for it again (with the hour below, one that did would hang).
+    monkeypatch.setattr(aio, "CONNECT_TIMEOUT", 3600)
     monkeypatch.setattr(
         app.store.dialect,
         "finish_watch",
@@ -243,6 +244,6 @@ def test_await_task_reads_at_intervals_when_it_cannot_listen(
         task_id = await app.aschedule("total", {"values": [5]})
         waiter = asyncio.create_task(app.await_task(task_id, timeout=120))
         await asyncio.to_thread(run_pending, app)
-        return (await waiter).output
+        return (await asyncio.wait_for(waiter, 120)).output
 
     assert run(app, main) == {"total": 5}

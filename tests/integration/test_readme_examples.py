@@ -74,6 +74,7 @@ if __name__ == "__main__":
     with TestClient(app) as client:
         task_id = client.post("/orders", json={"id": 1, "total": 30}).json()["task_id"]
         print(client.get(f"/invoices/{task_id}").json())
+        print(client.get("/invoices/999999").status_code)
 """
 
 
@@ -92,7 +93,7 @@ def test_fastapi_example(tmp_path: Path, request: pytest.FixtureRequest) -> None
         timeout=180,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "{'order_id': 1, 'total': 30}\n"
+    assert result.stdout == "{'order_id': 1, 'total': 30}\n404\n"
 
 
 def test_django_example(tmp_path: Path) -> None:

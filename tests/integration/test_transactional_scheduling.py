@@ -117,6 +117,8 @@ def test_bad_connections_are_refused_and_nothing_is_written(app: Lilota, engine:
     conn.close()
     with pytest.raises(InvalidArgument, match="connection is closed"):
         app.schedule("add", AddInput(a=1, b=2), connection=conn)
+    with pytest.raises(InvalidArgument, match="bound to no engine"):
+        app.schedule("add", AddInput(a=1, b=2), connection=Session())
     with engine.connect() as conn:  # input errors come first, as without a connection
         with pytest.raises(InvalidInput):
             app.schedule("add", {"a": "x"}, connection=conn)

@@ -7,11 +7,13 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from lilota import (
+    ConfigurationError,
     InvalidInput,
     Lilota,
     LilotaWorker,
@@ -185,3 +187,26 @@ def test_a_worker_runs_a_task_scheduled_through_a_handle(lilota_db_url: str) -> 
     finally:
         lilota.stop(timeout=30)
         lilota.store.dispose()
+
+
+def test_a_function_registered_on_two_instances_schedules_only_through_an_instance(
+    tmp_path: Path,
+) -> None:
+    def add(data: dict) -> int:
+        return int(data["x"]) + 1
+
+    first = Lilota(f"sqlite:///{tmp_path}/first.db", number_of_workers=0)
+    second = Lilota(f"sqlite:///{tmp_path}/second.db", number_of_workers=0)
+    try:
+        handle = first.register("add")(add)
+        assert handle.schedule({"x": 1}) >= 1  # one instance: the handle knows where
+        handle = second.register("add")(add)
+        with pytest.raises(ConfigurationError, match="registered on more than one Lilota"):
+            handle.schedule({"x": 1})  # not written to either database at random
+        assert len(second.get_tasks()) == 0
+        assert len(first.get_tasks()) == 1
+        task_id = second.schedule(handle, {"x": 2})  # the instance says where
+        assert [t.id for t in second.get_tasks()] == [task_id]
+    finally:
+        first.store.dispose()
+        second.store.dispose()

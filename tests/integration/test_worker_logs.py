@@ -108,7 +108,8 @@ async def nap(x: int) -> None:
 
 
 @lilota.register("crunch", cpu_bound=True)
-def crunch(x: int) -> int:
+def crunch(x: int, ctx: TaskContext) -> int:
+    ctx.logger.info("crunching x=%d", x)  # in the pool process: its default logging too
     raise KeyError("no such key")
 """
 
@@ -220,6 +221,7 @@ def test_worker_processes_log_each_attempt_in_the_default_format(tmp_path: Path)
     )
     assert re.search(final + r"\nTraceback \(most recent call last\):\n", err)
     # The async lane: async def on the event loop, cpu_bound in the pool process.
+    assert re.search(line("INFO", "lilota.task.crunch", rf"\[task {crunch}\] crunching x=5"), err)
     assert re.search(line("INFO", "lilota.task.waits", rf"\[task {waits}\] async hello, x=5"), err)
     assert re.search(
         line("INFO", "lilota.tasks", rf"task {waits} waits attempt 1/1 completed in [\d.]+ s"), err

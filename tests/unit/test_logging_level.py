@@ -68,3 +68,29 @@ def test_number_of_processes_is_the_earlier_name_of_number_of_workers(tmp_path: 
         TaskRunner(url, number_of_workers=2, number_of_processes=2)
     with pytest.raises(ConfigurationError, match="number_of_processes"):
         TaskRunner(url, number_of_processes=0)
+
+
+@pytest.mark.parametrize("cls", ["Lilota", "LilotaWorker"])
+def test_log_level_is_the_new_name_and_giving_both_is_refused(tmp_path: Path, cls: str) -> None:
+    make = _makers(tmp_path)[cls]
+    make(log_level="debug")
+    assert logging.getLogger("lilota").level == logging.DEBUG
+    with pytest.raises(ConfigurationError, match="log_level or logging_level"):
+        make(log_level="info", logging_level="info")
+    with pytest.raises(ConfigurationError, match="log_level must be a logging level"):
+        make(log_level="verbose")
+
+
+def test_a_bad_level_in_the_environment_is_refused_by_start_before_any_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LILOTA_LOG_LEVEL", "verbose")
+    lilota = Lilota(f"sqlite:///{tmp_path}/x.db", number_of_workers=2)
+
+    @lilota.worker_init
+    def init() -> None:  # pragma: no cover - must not run: no worker starts
+        raise AssertionError("a worker started")
+
+    with pytest.raises(ConfigurationError, match=r"\$LILOTA_LOG_LEVEL must be a logging level"):
+        lilota.start()
+    assert lilota.worker_pids == []
