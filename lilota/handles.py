@@ -12,13 +12,14 @@ is a ``ReportOutput``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, overload
 
 from typing_extensions import TypeVar, Unpack
 
-from lilota.errors import ConfigurationError, RegistrationError, WorkerAlreadyStarted
+from lilota.errors import RegistrationError, WorkerAlreadyStarted
 from lilota.models import Task
 from lilota.registry import Registry
 
@@ -32,6 +33,8 @@ In = TypeVar("In")
 In_contra = TypeVar("In_contra", contravariant=True)
 Out = TypeVar("Out")
 Out_co = TypeVar("Out_co", covariant=True, default=Any)
+
+log = logging.getLogger(__name__)
 
 
 class ScheduleOptions(TypedDict, total=False):
@@ -173,42 +176,21 @@ class BoundTask:
 BOUND = "__lilota_task__"
 
 
-@dataclasses.dataclass(frozen=True)
-class SharedTask(BoundTask):
-    """The handle of a function registered on more than one Lilota instance (or under
-    two names): its own ``schedule`` cannot know which is meant, so it refuses, naming
-    the way that does (``lilota.schedule(func, ...)`` on the instance)."""
-
-    def _refuse(self) -> ConfigurationError:
-        return ConfigurationError(
-            f"{self.name!r} is registered on more than one Lilota instance (or under more "
-            "than one name), so its handle cannot tell where to schedule: call "
-            f"schedule on the instance you mean, lilota.schedule({self.name}, ...)"
-        )
-
-    def schedule(self, input: Any = None, /, **options: Any) -> TaskRef[Any]:
-        raise self._refuse()
-
-    def schedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
-        raise self._refuse()
-
-    async def aschedule(self, input: Any = None, /, **options: Any) -> TaskRef[Any]:
-        raise self._refuse()
-
-    async def aschedule_many(self, inputs: Iterable[Any], /, **options: Any) -> list[TaskRef[Any]]:
-        raise self._refuse()
-
-
 def bind(func: Any, task: BoundTask) -> Any:
     """``func`` itself, given the handle's attributes (one that takes no attributes, a
-    bound method say, is wrapped in a :class:`_Wrapped` instead). A function bound
-    already to another instance or name gets a :class:`SharedTask`, whose ``schedule``
-    refuses rather than write to one of the databases at random."""
+    bound method say, is wrapped in a :class:`_Wrapped` instead). A function registered
+    before on another instance now schedules on this one, with a warning saying so."""
     earlier = getattr(func, BOUND, None)
-    if isinstance(earlier, BoundTask) and (
-        earlier.lilota is not task.lilota or earlier.name != task.name
-    ):
-        task = SharedTask(task.lilota, task.name, task.output_model)
+    if isinstance(earlier, BoundTask) and earlier.lilota is not task.lilota:
+        log.warning(
+            "%r was registered on another Lilota instance too: its handle (%s.schedule) "
+            "now schedules on %s; schedule through an instance to choose, "
+            "lilota.schedule(%s, ...)",
+            task.name,
+            getattr(func, "__name__", task.name),
+            task.lilota.store.safe_url,
+            getattr(func, "__name__", task.name),
+        )
     attributes = {
         BOUND: task,
         "task_name": task.name,

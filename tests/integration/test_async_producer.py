@@ -107,11 +107,12 @@ def test_bad_arguments_get_the_errors_of_the_sync_calls(app: Lilota) -> None:
     assert app.store.count_by_status()["pending"] == 1  # only the last, good call wrote
 
 
+@pytest.mark.lilota_backends(
+    "postgres"
+)  # SQLite has no async driver here: its calls run in a thread
 def test_postgres_schedules_and_reads_without_a_thread(
     app: Lilota, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if app.store.is_sqlite:
-        pytest.skip("SQLite has no async driver here: its calls run in a thread")
 
     def no_thread(*args: object, **kwargs: object) -> object:
         raise AssertionError("a thread was used")
@@ -127,9 +128,10 @@ def test_postgres_schedules_and_reads_without_a_thread(
     assert run(app, main) == 1
 
 
+@pytest.mark.lilota_backends(
+    "postgres"
+)  # no async SQLite driver is installed; a sync Connection works (below)
 def test_an_async_connection_schedules_in_its_transaction(app: Lilota, lilota_db_url: str) -> None:
-    if app.store.is_sqlite:
-        pytest.skip("no async SQLite driver is installed; a sync Connection works (below)")
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     async def main() -> tuple[Any, ...]:
@@ -181,11 +183,12 @@ def test_a_sync_connection_works_with_aschedule_on_every_backend(
     assert app.get_task_by_id(task_id) is not None
 
 
+@pytest.mark.lilota_backends(
+    "postgres"
+)  # SQLite has no notification: await_task reads at intervals there
 def test_await_task_is_woken_by_the_end_of_the_task_on_postgres(
     app: Lilota, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if app.store.is_sqlite:
-        pytest.skip("SQLite has no notification: await_task reads at intervals there")
     from lilota.store import asyncstore
 
     # Between two reads, only a notification wakes the waiter (within the test's time).
@@ -224,11 +227,10 @@ def test_await_task_of_a_task_cancelled_while_waiting(app: Lilota) -> None:
     assert run(app, main) is TaskStatus.CANCELLED
 
 
+@pytest.mark.lilota_backends("postgres")  # SQLite reads at intervals anyway
 def test_await_task_reads_at_intervals_when_it_cannot_listen(
     app: Lilota, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if app.store.is_sqlite:
-        pytest.skip("SQLite reads at intervals anyway")
     from lilota.dialects import aio
 
     # A LISTEN connection to a port nothing listens on (loopback): it never comes. Each

@@ -149,9 +149,10 @@ def test_a_connection_to_another_database_is_refused(
         other.store.dispose()
 
 
+@pytest.mark.lilota_backends(
+    "postgres"
+)  # the PostgreSQL run checks a SQLite connection; either way is one check
 def test_a_connection_of_another_backend_is_refused(app: Lilota, tmp_path: Path) -> None:
-    if app.store.is_sqlite:
-        pytest.skip("the PostgreSQL run checks a SQLite connection; either way is one check")
     other = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
     with other.connect() as conn, pytest.raises(InvalidArgument, match="to a sqlite database"):
         app.schedule("add", AddInput(a=1, b=2), connection=conn)
