@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from lilota import Lilota, Task, TaskProgress
 
-lilota = Lilota(number_of_workers=2)  # db_url defaults to sqlite:///lilota.db
+# db_url defaults to sqlite:///lilota.db. The workers' per-task INFO lines would mix with
+# the progress bars below: log WARNING and up only (a failure still shows; README: Logging).
+lilota = Lilota(number_of_workers=2, log_level="warning")
 
 
 @dataclass

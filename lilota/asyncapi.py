@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from typing_extensions import Unpack
 
-from lilota import tracing, validation
+from lilota import validation
 from lilota.errors import TaskNotFound
 from lilota.handles import (
     In,
@@ -23,10 +23,10 @@ from lilota.handles import (
     ScheduleOptions,
     TaskHandle,
     TaskRef,
-    target,
+    new_batch,
 )
 from lilota.models import Task
-from lilota.registry import Registry, check_options, new_task
+from lilota.registry import Registry
 
 if TYPE_CHECKING:
     from lilota.store import TaskStore
@@ -84,27 +84,11 @@ class AsyncProducer:
         """:meth:`~lilota.core.Lilota.schedule` for asyncio code: the same arguments,
         checks and errors, without blocking the event loop. ``connection`` may also be an
         ``AsyncConnection`` or ``AsyncSession`` (the task is written in its transaction)."""
-        self._check_open()
-        task_name, handle = target(name)
-        with tracing.scheduling(task_name) as traced:  # a span if a trace is active
-            task = new_task(
-                task_name,
-                input,
-                registry=self.registry,
-                known_names=self._known_names(),
-                clock=self._clock,
-                run_at=run_at,
-                delay=delay,
-                priority=priority,
-                unique_key=unique_key,
-                description=description,
-                max_attempts=max_attempts,
-                trace_context=traced.context,
-            )
-            [task_id] = await self.astore.add_many([task], connection)
-            traced.scheduled([task_id])
-        self._remember([task_id])
-        return task_id if handle is None else TaskRef(task_id, self, handle.output_model)  # type: ignore[arg-type]
+        options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
+        options |= {"unique_key": unique_key, "description": description}
+        with new_batch(self, name, input, many=False, max_attempts=max_attempts, **options) as b:  # type: ignore[arg-type]
+            b.ids = await self.astore.add_many(b.tasks, connection)
+        return b.result()[0]  # type: ignore[no-any-return]
 
     @overload
     async def aschedule_many(
@@ -131,34 +115,11 @@ class AsyncProducer:
     ) -> list[int] | list[TaskRef[Any]]:
         """:meth:`~lilota.core.Lilota.schedule_many` for asyncio code (one statement, as
         there; the same checks and errors)."""
-        self._check_open()
-        task_name, handle = target(name)
-        known_names = self._known_names()
-        values = validation.inputs(inputs)
         options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
-        check_options(task_name, known_names=known_names, clock=self._clock, **options)
-        if not values and connection is None:
-            return []
-        with tracing.scheduling(task_name) as traced:  # one span for the batch
-            tasks = [
-                new_task(
-                    task_name,
-                    value,
-                    registry=self.registry,
-                    known_names=known_names,
-                    clock=self._clock,
-                    max_attempts=max_attempts,
-                    trace_context=traced.context,
-                    **options,
-                )
-                for value in values
-            ]
-            ids = await self.astore.add_many(tasks, connection)
-            traced.scheduled(ids)
-        self._remember(ids)
-        if handle is None:
-            return ids
-        return [TaskRef(i, self, handle.output_model) for i in ids]  # type: ignore[arg-type]
+        with new_batch(self, name, inputs, many=True, max_attempts=max_attempts, **options) as b:  # type: ignore[arg-type]
+            if b.tasks or connection is not None:  # nothing to store, no transaction to join
+                b.ids = await self.astore.add_many(b.tasks, connection)
+        return b.result()
 
     async def aclose(self) -> None:
         """Close the pooled async connections (and LISTEN connection) of the running event

@@ -16,7 +16,7 @@ from typing import Any, overload
 
 from typing_extensions import Unpack
 
-from lilota import tracing, validation
+from lilota import validation
 from lilota.asyncapi import AsyncProducer
 from lilota.errors import ConfigurationError, LilotaStopped, TaskNotFound
 from lilota.handles import (
@@ -27,12 +27,12 @@ from lilota.handles import (
     ScheduleOptions,
     TaskHandle,
     TaskRef,
-    target,
+    new_batch,
 )
 from lilota.hooks import HookDecorators
 from lilota.logs import ENV_LOG_LEVEL, log_level_number
 from lilota.models import Task, TaskStatus
-from lilota.registry import Registry, check_options, new_task
+from lilota.registry import Registry
 from lilota.settings import (
     DEFAULT_DB_URL,
     ENV_SETTINGS,
@@ -370,27 +370,11 @@ class Lilota(Registering, AsyncProducer, HookDecorators):
         one or one to another database, :class:`~lilota.errors.ConfigurationError` if
         lilota's tables are not created yet (``start()`` creates them).
         """
-        self._check_open()
-        task_name, handle = target(name)
-        with tracing.scheduling(task_name) as traced:  # a span if a trace is active (lilota[otel])
-            task = new_task(
-                task_name,
-                input,
-                registry=self.registry,
-                known_names=self._known_names(),
-                clock=self._clock,
-                run_at=run_at,
-                delay=delay,
-                priority=priority,
-                unique_key=unique_key,
-                description=description,
-                max_attempts=max_attempts,
-                trace_context=traced.context,
-            )
-            task_id = self.store.add(task, connection=connection)
-            traced.scheduled([task_id])
-        self._remember([task_id])
-        return task_id if handle is None else TaskRef(task_id, self, handle.output_model)
+        options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
+        options |= {"unique_key": unique_key, "description": description}
+        with new_batch(self, name, input, many=False, max_attempts=max_attempts, **options) as b:
+            b.ids = [self.store.add(b.tasks[0], connection=connection)]
+        return b.result()[0]  # type: ignore[no-any-return]
 
     @overload
     def schedule_many(
@@ -422,31 +406,10 @@ class Lilota(Registering, AsyncProducer, HookDecorators):
         ``inputs`` that are not an iterable (or are a str, bytes or a mapping). With
         ``connection``, in that transaction, as :meth:`schedule` says.
         """
-        self._check_open()
-        task_name, handle = target(name)
-        known_names = self._known_names()
-        values = validation.inputs(inputs)
         options: dict[str, Any] = {"run_at": run_at, "delay": delay, "priority": priority}
-        # The same checks with no input: a bad option is refused even for an empty list.
-        check_options(task_name, known_names=known_names, clock=self._clock, **options)
-        with tracing.scheduling(task_name) as traced:  # one span for the batch (lilota[otel])
-            tasks = [
-                new_task(
-                    task_name,
-                    value,
-                    registry=self.registry,
-                    known_names=known_names,
-                    clock=self._clock,
-                    max_attempts=max_attempts,
-                    trace_context=traced.context,
-                    **options,
-                )
-                for value in values
-            ]
-            ids = self.store.add_many(tasks, connection=connection)
-            traced.scheduled(ids)
-        self._remember(ids)
-        return ids if handle is None else [TaskRef(i, self, handle.output_model) for i in ids]
+        with new_batch(self, name, inputs, many=True, max_attempts=max_attempts, **options) as b:
+            b.ids = self.store.add_many(b.tasks, connection=connection)
+        return b.result()
 
     def _remember(self, ids: Sequence[int]) -> None:
         if self._supervisor is None:

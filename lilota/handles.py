@@ -11,17 +11,19 @@ is a ``ReportOutput``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, overload
 
 from typing_extensions import TypeVar, Unpack
 
+from lilota import tracing, validation
 from lilota.errors import RegistrationError, WorkerAlreadyStarted
-from lilota.models import Task
-from lilota.registry import Registry
+from lilota.models import NewTask, Task
+from lilota.registry import Registry, check_options, new_task
 
 if TYPE_CHECKING:
     from lilota.core import Lilota
@@ -225,6 +227,58 @@ def target(task: object) -> tuple[Any, BoundTask | None]:
     if isinstance(bound, BoundTask):
         return bound.name, bound
     return task, None
+
+
+@dataclasses.dataclass
+class Batch:
+    """The new tasks of one ``schedule`` call, made by :func:`new_batch`: the caller
+    stores ``tasks`` (sync or async, in its transaction or the store's) and sets ``ids``."""
+
+    lilota: Lilota
+    handle: BoundTask | None
+    tasks: list[NewTask]
+    ids: list[int] = dataclasses.field(default_factory=list)
+
+    def result(self) -> list[Any]:
+        """The ids, or with a handle as target their :class:`TaskRef`s."""
+        if self.handle is None:
+            return self.ids
+        return [TaskRef(i, self.lilota, self.handle.output_model) for i in self.ids]
+
+
+@contextlib.contextmanager
+def new_batch(
+    lilota: Lilota, target_: object, inputs: Any, *, many: bool, **options: Any
+) -> Iterator[Batch]:
+    """The steps of every ``schedule``, ``schedule_many``, ``aschedule`` and
+    ``aschedule_many`` call but the insert: the instance open, the name (a str or a
+    handle's), the checks (:func:`lilota.registry.new_task` per input; with ``many``, the
+    options even for no input), the tasks made in the scheduling span of
+    :func:`lilota.tracing.scheduling` (their trace context), which covers the insert the
+    caller makes in the ``with`` block; then the ids remembered for ``stop()``."""
+    lilota._check_open()
+    name, handle = target(target_)
+    known_names = lilota._known_names()
+    values = validation.inputs(inputs) if many else [inputs]
+    if many:  # a bad option is refused even for an empty list
+        check_options(name, known_names=known_names, clock=lilota._clock, **options)
+    with tracing.scheduling(name) as traced:  # a span if a trace is active (lilota[otel])
+        tasks = [
+            new_task(
+                name,
+                value,
+                registry=lilota.registry,
+                known_names=known_names,
+                clock=lilota._clock,
+                trace_context=traced.context,
+                **options,
+            )
+            for value in values
+        ]
+        batch = Batch(lilota, handle, tasks)
+        yield batch
+        traced.scheduled(batch.ids)
+    lilota._remember(batch.ids)
 
 
 class Registering:
