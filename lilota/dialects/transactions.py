@@ -31,6 +31,14 @@ class Transactional(Protocol):
 S = TypeVar("S", bound=Transactional)
 
 
+def retry_after(dialect: Dialect, attempt: int, error: exc.DBAPIError) -> float | None:
+    """Seconds to wait before running a transaction again after its ``attempt``-th run
+    raised ``error`` (0.05, 0.1, 0.2...), or None: a permanent error, or no runs left."""
+    if attempt < dialect.retries and dialect.is_transient(error):
+        return 0.05 * 2.0 ** (attempt - 1)
+    return None
+
+
 def transaction(
     *, read_only: bool = False, single: bool = False, schema: bool = False
 ) -> Callable[[Callable[Concatenate[S, Connection, P], R]], Callable[Concatenate[S, P], R]]:
@@ -60,8 +68,9 @@ def transaction(
                     permanent = dialect.permanent_error(e)
                     if permanent is not None:
                         raise permanent from e
-                    if attempt < dialect.retries and dialect.is_transient(e):
-                        time.sleep(0.05 * 2 ** (attempt - 1))
+                    delay = retry_after(dialect, attempt, e)
+                    if delay is not None:
+                        time.sleep(delay)
                         continue
                     if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
                         where = dialect.url.render_as_string(hide_password=True)

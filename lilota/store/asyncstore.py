@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import weakref
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc
 
 from lilota import serialization
+from lilota.dialects.transactions import retry_after
 from lilota.errors import InvalidArgument, TaskNotFound
 from lilota.models import NewTask, Task
 from lilota.store import inserts
@@ -86,19 +88,16 @@ class AsyncStore:
     async def _retried(self, engine: AsyncEngine, fn: Any) -> Any:
         """``fn(sync connection)`` in one transaction on ``engine``; retried as the
         store's transactions are (lilota.dialects.transactions), errors as lilota's."""
-        dialect = self.store.dialect
-        for attempt in range(1, dialect.retries + 1):
-            try:
-                with inserts.translated(self.store):
-                    try:
-                        async with engine.begin() as conn:
-                            return await conn.run_sync(fn)
-                    except exc.DBAPIError as e:
-                        if attempt < dialect.retries and dialect.is_transient(e):
-                            raise _Again from e
+        for attempt in itertools.count(1):
+            with inserts.translated(self.store):
+                try:
+                    async with engine.begin() as conn:
+                        return await conn.run_sync(fn)
+                except exc.DBAPIError as e:
+                    delay = retry_after(self.store.dialect, attempt, e)
+                    if delay is None:
                         raise
-            except _Again:
-                await asyncio.sleep(0.05 * 2 ** (attempt - 1))
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def get(self, task_id: int) -> Task | None:
@@ -155,10 +154,6 @@ class AsyncStore:
         engine = self._engines.pop(asyncio.get_running_loop(), None)
         if engine is not None:
             await engine.dispose()
-
-
-class _Again(Exception):
-    """A transient error: the transaction is tried again."""
 
 
 def _is_async(connection: object) -> bool:
